@@ -1,0 +1,36 @@
+"""Runs a Faust worker process hosting the named agents."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import faust
+import uvloop
+
+from agents import AgentsError
+from schemas.config import Settings
+from streams.app import create_app
+
+AGENTS = ("passthrough",)
+
+
+def build(settings: Settings, names: list[str]) -> faust.App:
+    unknown = sorted(set(names) - set(AGENTS))
+    if unknown:
+        raise AgentsError(f"unknown agent(s) {unknown}; known: {list(AGENTS)}")
+    app = create_app(settings)
+    if "passthrough" in names:
+        from agents import passthrough
+
+        passthrough.register(app, settings)
+    return app
+
+
+def run(settings: Settings, names: list[str], *, loglevel: str = "WARNING") -> None:
+    app = build(settings, names)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    logging.getLogger("faust").setLevel(loglevel)
+    worker = faust.Worker(app, loop=loop, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,191 @@
+"""The one seam to ClickHouse: embedded chDB or a server over the native protocol.
+
+Both backends run the same SQL. Calls are async; each backend runs its
+blocking client on one dedicated thread (neither client is thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlparse
+
+from infra import InfraError
+
+Row = tuple[Any, ...]
+
+# The driver logs every failed connect with a traceback; we raise ClickHouseError instead.
+logging.getLogger("clickhouse_driver.connection").setLevel(logging.CRITICAL)
+T = TypeVar("T")
+
+
+class ClickHouseError(InfraError):
+    """A statement failed on ClickHouse (either backend)."""
+
+
+class ClickHouseStore(Protocol):
+    backend: str
+
+    async def execute(self, sql: str) -> None: ...
+
+    async def query(self, sql: str) -> list[Row]: ...
+
+    async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _OneThread:
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _datetime(value: datetime | float | int) -> datetime:
+    """DateTime columns take naive UTC datetimes; epoch seconds are converted."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+    return datetime.fromtimestamp(float(value), UTC).replace(tzinfo=None)
+
+
+# chDB allows one session per process; every store on a path shares it.
+_CHDB_SESSIONS: dict[Path, Any] = {}
+
+
+class ChdbStore:
+    backend = "chdb"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.resolve()
+        self._thread = _OneThread("chdb")
+
+    def _session(self) -> Any:
+        session = _CHDB_SESSIONS.get(self.path)
+        if session is None:
+            from chdb import session as chdb_session
+
+            self.path.mkdir(parents=True, exist_ok=True)
+            session = _CHDB_SESSIONS[self.path] = chdb_session.Session(str(self.path))
+        return session
+
+    def _run(self, sql: str, fmt: str = "JSONCompact") -> Any:
+        try:
+            return self._session().query(sql, fmt)
+        except Exception as exc:  # chDB raises plain RuntimeError for SQL errors
+            raise ClickHouseError(f"chDB: {exc}") from exc
+
+    async def execute(self, sql: str) -> None:
+        await self._thread.call(lambda: self._run(sql, "TabSeparated"))
+
+    async def query(self, sql: str) -> list[Row]:
+        result = await self._thread.call(lambda: self._run(sql))
+        raw = result.bytes()
+        if not raw:
+            return []
+        doc = json.loads(raw)
+        converters = [_converter(col["type"]) for col in doc["meta"]]
+        return [tuple(c(v) for c, v in zip(converters, row, strict=True)) for row in doc["data"]]
+
+    async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        lines = "\n".join(
+            json.dumps(dict(zip(columns, (_jsonable(v) for v in row), strict=True)))
+            for row in rows
+        )
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) FORMAT JSONEachRow\n{lines}"
+        await self._thread.call(lambda: self._run(sql, "TabSeparated"))
+
+    async def close(self) -> None:
+        self._thread.shutdown()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _datetime(value).strftime("%Y-%m-%d %H:%M:%S")
+    return value
+
+
+def _converter(ch_type: str) -> Callable[[Any], Any]:
+    base = ch_type.removeprefix("Nullable(").rstrip(")")
+    if base.startswith(("UInt", "Int")):
+        return lambda v: None if v is None else int(v)
+    if base.startswith("Float"):
+        return lambda v: None if v is None else float(v)
+    if base.startswith("DateTime"):
+        return lambda v: None if v is None else datetime.strptime(v[:19], "%Y-%m-%d %H:%M:%S")
+    return lambda v: v
+
+
+class ServerStore:
+    """A ClickHouse server over clickhouse-driver's native protocol."""
+
+    backend = "server"
+
+    def __init__(self, url: str) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("clickhouse", "tcp"):
+            raise InfraError(f"ClickHouse URL {url!r}: expected clickhouse://host:port")
+        self.url = url
+        self._host = parsed.hostname or "127.0.0.1"
+        self._port = parsed.port or 9000
+        self._user = parsed.username or "default"
+        self._password = parsed.password or ""
+        self._thread = _OneThread("clickhouse")
+        self._client: Any = None
+
+    def _connected(self) -> Any:
+        if self._client is None:
+            from clickhouse_driver import Client
+
+            self._client = Client(host=self._host, port=self._port, user=self._user,
+                                  password=self._password, connect_timeout=5,
+                                  send_receive_timeout=60, settings={"use_numpy": False})
+        return self._client
+
+    def _run(self, sql: str, params: Any = None) -> Any:
+        from clickhouse_driver import errors as ch_errors
+
+        try:
+            return self._connected().execute(sql, params) if params is not None else \
+                self._connected().execute(sql)
+        except (ch_errors.Error, OSError, EOFError) as exc:
+            if self._client is not None:
+                self._client.disconnect()
+            raise ClickHouseError(f"ClickHouse {self._host}:{self._port}: {exc}") from exc
+
+    async def execute(self, sql: str) -> None:
+        await self._thread.call(lambda: self._run(sql))
+
+    async def query(self, sql: str) -> list[Row]:
+        rows = await self._thread.call(lambda: self._run(sql))
+        return [tuple(r) for r in rows]
+
+    async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        data = [tuple(_datetime(v) if isinstance(v, datetime) else v for v in r) for r in rows]
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES"
+        await self._thread.call(lambda: self._run(sql, data))
+
+    async def close(self) -> None:
+        await self._thread.call(lambda: self._client and self._client.disconnect())
+        self._thread.shutdown()
+
+
+def open_store(url: str | None, chdb_path: Path) -> ClickHouseStore:
+    """The server when a URL is configured, otherwise embedded chDB at ``chdb_path``."""
+    if url:
+        return ServerStore(url)
+    return ChdbStore(chdb_path)

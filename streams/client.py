@@ -1,0 +1,129 @@
+"""Async client: submit an InferenceRequest and await its reply by request id.
+
+    async with TokenweirClient("127.0.0.1:9092") as client:
+        reply = await client.submit(InferenceRequest(tenant="acme", model="m", prompt="hi"))
+
+The reply is an :class:`InferenceResult` or a :class:`Rejection`. Workers
+deliver at least once; duplicates of a reply already returned are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import TypeAdapter
+
+from schemas.events import InferenceRequest, Reply
+from streams import DecodeError, RequestTimeout, StreamsError
+from streams.codec import decode
+from streams.sink import KafkaEventSink
+from streams.topics import REQUESTS, RESPONSES
+
+log = logging.getLogger(__name__)
+_REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
+
+
+class TokenweirClient:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        reply_topic: str = RESPONSES,
+        request_topic: str = REQUESTS,
+        signer: object | None = None,
+    ) -> None:
+        self._bootstrap = bootstrap
+        self.reply_topic = reply_topic
+        self._request_topic = request_topic
+        self._sink = KafkaEventSink(bootstrap, linger_ms=1, client_id="tokenweir-client")
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, client_id="tokenweir-client"
+        )
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self.duplicates_dropped = 0
+        self.undecodable = 0
+
+    async def __aenter__(self) -> TokenweirClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        try:
+            await self._consumer.start()
+            partitions = self._consumer.partitions_for_topic(self.reply_topic)
+            if not partitions:
+                raise StreamsError(f"reply topic {self.reply_topic} does not exist")
+            tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
+            self._consumer.assign(tps)
+            await self._consumer.seek_to_end(*tps)
+            # Resolve positions now, so no reply produced after submit() is skipped.
+            for tp in tps:
+                await self._consumer.position(tp)
+        except KafkaError as exc:
+            await self._consumer.stop()
+            raise StreamsError(f"cannot read {self.reply_topic}: {exc}") from exc
+        await self._sink.start()
+        self._reader = asyncio.create_task(self._read_replies(), name="tokenweir-client-replies")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._sink.stop()
+        await self._consumer.stop()
+        for fut in self._waiting.values():
+            fut.cancel()
+
+    async def send(self, request: InferenceRequest) -> asyncio.Future[Reply]:
+        """Produce one request; the returned future resolves with its reply."""
+        if request.reply_topic != self.reply_topic:
+            raise StreamsError(
+                f"request replies to {request.reply_topic}, this client reads {self.reply_topic}"
+            )
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[request.request_id] = fut
+        await self._sink.send(self._request_topic, request, key=request.tenant)
+        await self._sink.flush()
+        return fut
+
+    async def submit(self, request: InferenceRequest, *, timeout_s: float = 60.0) -> Reply:
+        fut = await self.send(request)
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no reply to {request.request_id} within {timeout_s}s") from exc
+        finally:
+            self._waiting.pop(request.request_id, None)
+
+    async def _read_replies(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    self._deliver(record.value)
+
+    def _deliver(self, raw: bytes | None) -> None:
+        try:
+            reply = decode(raw, _REPLY)
+        except DecodeError as exc:
+            self.undecodable += 1
+            log.warning("undecodable reply on %s: %s", self.reply_topic, exc.reason)
+            return
+        fut = self._waiting.get(reply.request_id)
+        if fut is None or fut.done():
+            self.duplicates_dropped += fut is not None
+            return
+        fut.set_result(reply)

@@ -1,0 +1,9 @@
+"""Workers: consume a model's shards, run an engine, reply, meter and beat."""
+
+
+class WorkersError(Exception):
+    """Root of the errors raised by :mod:`workers`."""
+
+
+class EngineError(WorkersError):
+    """An engine failed to serve one request (the request gets an error result)."""

@@ -1,0 +1,1 @@
+"""Engines behind one async interface; see :class:`workers.engines.base.Engine`."""
