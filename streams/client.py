@@ -15,6 +15,7 @@ import logging
 from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from pydantic import TypeAdapter
 
@@ -26,6 +27,21 @@ from streams.topics import REQUESTS, RESPONSES
 
 log = logging.getLogger(__name__)
 _REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
+
+
+async def reply_partitions(bootstrap: str, topic: str) -> list[int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    try:
+        await admin.start()
+        described = await admin.describe_topics([topic])
+    except KafkaError as exc:
+        raise StreamsError(f"cannot describe {topic} on {bootstrap}: {exc}") from exc
+    finally:
+        await admin.close()
+    found = [t for t in described if t["topic"] == topic and t["error_code"] == 0]
+    if not found or not found[0]["partitions"]:
+        raise StreamsError(f"reply topic {topic} does not exist on {bootstrap}")
+    return sorted(p["partition"] for p in found[0]["partitions"])
 
 
 class TokenweirClient:
@@ -60,21 +76,21 @@ class TokenweirClient:
         await self.stop()
 
     async def start(self) -> None:
+        partitions = await reply_partitions(self._bootstrap, self.reply_topic)
+        await self._consumer.start()
         try:
-            await self._consumer.start()
-            partitions = self._consumer.partitions_for_topic(self.reply_topic)
-            if not partitions:
-                raise StreamsError(f"reply topic {self.reply_topic} does not exist")
-            tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
+            tps = [TopicPartition(self.reply_topic, p) for p in partitions]
             self._consumer.assign(tps)
             await self._consumer.seek_to_end(*tps)
             # Resolve positions now, so no reply produced after submit() is skipped.
             for tp in tps:
                 await self._consumer.position(tp)
-        except KafkaError as exc:
+            await self._sink.start()
+        except BaseException as exc:
             await self._consumer.stop()
-            raise StreamsError(f"cannot read {self.reply_topic}: {exc}") from exc
-        await self._sink.start()
+            if isinstance(exc, KafkaError):
+                raise StreamsError(f"cannot read {self.reply_topic}: {exc}") from exc
+            raise
         self._reader = asyncio.create_task(self._read_replies(), name="tokenweir-client-replies")
 
     async def stop(self) -> None:

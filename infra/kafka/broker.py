@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,16 @@ class KafkaBroker:
     async def wait_ready(self, timeout_s: float, proc: subprocess.Popen[bytes] | None = None
                          ) -> None:
         deadline = time.monotonic() + timeout_s
+        # aiokafka logs each refused connect at ERROR; while starting, those are expected.
+        quiet = logging.getLogger("aiokafka")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            await self._poll_ready(deadline, proc)
+        finally:
+            quiet.setLevel(level)
+
+    async def _poll_ready(self, deadline: float, proc: subprocess.Popen[bytes] | None) -> None:
         last_error = "no answer"
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -204,8 +215,8 @@ class KafkaBroker:
             except InfraError as exc:
                 last_error = str(exc)
             await asyncio.sleep(0.5)
-        raise InfraError(f"Kafka did not answer on {self.settings.bootstrap} within "
-                         f"{timeout_s:.0f}s ({last_error})")
+        raise InfraError(f"Kafka did not answer on {self.settings.bootstrap} in time "
+                         f"({last_error}); see {self.log_dir / 'server.log'}")
 
     def _log_tail(self, lines: int = 20) -> str:
         path = self.log_dir / "stdout.log"
@@ -227,7 +238,8 @@ def _kafka_uuid() -> str:
 
 async def describe_cluster(bootstrap: str, *, timeout_s: float = 5) -> dict[str, object]:
     """Metadata from the broker, or InfraError when it does not answer."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                request_timeout_ms=int(timeout_s * 1000))
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
         return await asyncio.wait_for(admin.describe_cluster(), timeout_s)

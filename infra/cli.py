@@ -1,0 +1,202 @@
+"""The ``tokenweir`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from infra import InfraError
+from schemas.config import Settings
+from schemas.errors import SchemaError
+
+T = TypeVar("T")
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=False)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except (ValidationError, SchemaError) as exc:
+        raise click.ClickException(f"configuration: {exc}") from exc
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except InfraError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the local stack keeps data, logs and pid files "
+                   "(env TOKENWEIR_STATE_DIR, default .tokenweir).")
+def main(state_dir: Path | None) -> None:
+    """tokenweir: a Kafka-native control plane for multi-tenant LLM inference."""
+    if state_dir is not None:
+        # Environment, so that processes we spawn see the same stack.
+        os.environ["TOKENWEIR_STATE_DIR"] = str(state_dir)
+
+
+@main.command()
+def up() -> None:
+    """Start Kafka (and the ClickHouse server when configured); provision topics and tables."""
+    from infra.stack import up as stack_up
+
+    _run(stack_up(_settings(), _say))
+
+
+@main.command()
+def down() -> None:
+    """Stop everything this state directory started."""
+    from infra.stack import down as stack_down
+
+    try:
+        stack_down(_settings(), _say)
+    except InfraError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(as_json: bool) -> None:
+    """What runs where, broker reachability, topics and consumer lag."""
+    from infra.stack import status as stack_status
+
+    report = _run(stack_status(_settings()))
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+        return
+    for name, pid in report.processes.items():
+        click.echo(f"process   {name:<24} pid {pid}")
+    if not report.processes:
+        click.echo("process   (none started from this state dir)")
+    state = "reachable" if report.broker_reachable else f"UNREACHABLE ({report.broker_error})"
+    click.echo(f"broker    {report.broker:<24} {state}")
+    for t in report.topics:
+        have = "missing" if t.partitions is None else f"{t.partitions} partitions"
+        flag = "" if t.partitions == t.expected else f"  (expected {t.expected})"
+        click.echo(f"topic     {t.name:<24} {have}{flag}")
+    for g in report.consumer_lag:
+        click.echo(f"group     {g.group:<24} lag {g.lag}")
+    if not report.broker_reachable:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--tenant", required=True)
+@click.option("--model", default=None, help="Default: the first configured model.")
+@click.option("--prompt", required=True)
+@click.option("--max-tokens", type=int, default=64)
+@click.option("--session-key", default=None)
+@click.option("--timeout", "timeout_s", type=float, default=60.0)
+def submit(tenant: str, model: str | None, prompt: str, max_tokens: int,
+           session_key: str | None, timeout_s: float) -> None:
+    """Send one request and print its result (or rejection) as JSON."""
+    from schemas.events import InferenceRequest
+    from streams import StreamsError
+    from streams.client import TokenweirClient
+
+    settings = _settings()
+    try:
+        request = InferenceRequest(tenant=tenant, model=model or settings.models[0],
+                                   prompt=prompt, max_tokens=max_tokens,
+                                   session_key=session_key)
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid request: {exc}") from exc
+
+    async def go() -> str:
+        async with TokenweirClient(settings.bootstrap) as client:
+            reply = await client.submit(request, timeout_s=timeout_s)
+        return reply.model_dump_json(indent=2)
+
+    try:
+        click.echo(_run(go()))
+    except StreamsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def schemas() -> None:
+    """Event contracts."""
+
+
+@schemas.command("export")
+@click.argument("directory", type=click.Path(path_type=Path))
+def schemas_export(directory: Path) -> None:
+    """Write one JSON Schema file per event type into DIRECTORY."""
+    from schemas.export import export
+
+    for path in export(directory):
+        click.echo(str(path))
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("--loglevel", default="WARNING")
+def agent(names: tuple[str, ...], loglevel: str) -> None:
+    """Run Faust agents (NAMES: passthrough) in this process."""
+    from agents import AgentsError
+    from agents.runner import run
+
+    try:
+        run(_settings(), list(names), loglevel=loglevel)
+    except AgentsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--model", required=True)
+@click.option("--engine", type=click.Choice(["echo"]), default="echo")
+@click.option("--worker-id", default=None)
+def worker(model: str, engine: str, worker_id: str | None) -> None:
+    """Serve one model's shards with an engine until SIGTERM (then drain)."""
+    settings = _settings()
+    if model not in settings.models:
+        raise click.ClickException(f"model {model!r} is not configured: {settings.models}")
+    _run(_serve(settings, model, engine, worker_id))
+
+
+async def _serve(settings: Settings, model: str, engine_name: str, worker_id: str | None
+                 ) -> None:
+    from streams.sink import KafkaEventSink
+    from workers.engines.echo import EchoEngine
+    from workers.worker import ShardWorker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sink = KafkaEventSink(settings.bootstrap, client_id=f"worker-{model}")
+    await sink.start()
+    try:
+        await ShardWorker(bootstrap=settings.bootstrap, model=model, engine=EchoEngine(),
+                          sink=sink, worker_id=worker_id).run(stop)
+    finally:
+        await sink.stop()
+
+
+@main.command()
+@click.option("--requests", "n_requests", type=int, default=6, show_default=True)
+@click.option("--keep-running", is_flag=True, help="Leave the stack up afterwards.")
+def demo(n_requests: int, keep_running: bool) -> None:
+    """The main job: bring the stack up and carry requests end to end."""
+    from infra.demo import run_demo
+
+    _run(run_demo(_settings(), _say, n_requests=n_requests, keep_running=keep_running))
+
+
+
+if __name__ == "__main__":
+    main()
