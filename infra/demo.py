@@ -32,7 +32,7 @@ def _cli(*args: str) -> list[str]:
 def start_pipeline(settings: Settings) -> list[str]:
     """Start the pass-through agent and one echo worker per model; their process names."""
     run_dir, logs = settings.run_dir(), settings.state_dir / "logs"
-    env = {**os.environ, "TOKENWEIR_STATE_DIR": str(settings.state_dir)}
+    env = {**os.environ, **settings.to_env()}
     names = ["agent-passthrough"]
     procs.spawn(run_dir, "agent-passthrough", _cli("agent", "passthrough"),
                 log_path=logs / "agent-passthrough.log", env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -76,6 +77,17 @@ class Settings(BaseSettings):
         if self.clickhouse_server:
             return f"clickhouse://127.0.0.1:{self.clickhouse_port}"
         return None
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``TOKENWEIR_*`` variables, for processes we spawn."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
+            env[f"TOKENWEIR_{name.upper()}"] = (
+                json.dumps(value) if isinstance(value, list | dict) else str(value)
+            )
+        return env
 
     def run_dir(self) -> Path:
         return self.state_dir / "run"

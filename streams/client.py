@@ -10,6 +10,7 @@ deliver at least once; duplicates of a reply already returned are dropped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from types import TracebackType
@@ -27,6 +28,7 @@ from streams.topics import REQUESTS, RESPONSES
 
 log = logging.getLogger(__name__)
 _REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
+ANSWERED_MEMORY = 100_000  # request ids remembered for duplicate detection
 
 
 async def reply_partitions(bootstrap: str, topic: str) -> list[int]:
@@ -61,6 +63,8 @@ class TokenweirClient:
             bootstrap_servers=bootstrap, enable_auto_commit=False, client_id="tokenweir-client"
         )
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        # Ids answered recently: a redelivered reply for one of them is a duplicate.
+        self._answered: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._reader: asyncio.Task[None] | None = None
         self.duplicates_dropped = 0
         self.undecodable = 0
@@ -138,8 +142,13 @@ class TokenweirClient:
             self.undecodable += 1
             log.warning("undecodable reply on %s: %s", self.reply_topic, exc.reason)
             return
+        if reply.request_id in self._answered:
+            self.duplicates_dropped += 1
+            return
         fut = self._waiting.get(reply.request_id)
         if fut is None or fut.done():
-            self.duplicates_dropped += fut is not None
-            return
+            return  # another client's request, or one we gave up on
         fut.set_result(reply)
+        self._answered[reply.request_id] = None
+        if len(self._answered) > ANSWERED_MEMORY:
+            self._answered.popitem(last=False)

@@ -1,0 +1,72 @@
+"""Real services for integration tests: a Kafka broker and Debian's ClickHouse server,
+started through tokenweir's own infra code on test ports, stopped at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+
+import pytest
+
+from infra import procs
+from infra.demo import start_pipeline
+from infra.stack import UpReport, down, up
+from schemas.config import Settings
+from schemas.events import InferenceResult
+from streams.client import TokenweirClient
+from tests.builders import make_request
+
+KCAT = shutil.which("kcat") or shutil.which("kafkacat")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def kcat() -> str:
+    if KCAT is None:
+        pytest.fail("kcat is required by the integration tests (apt-get install kcat)")
+    return KCAT
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        state_dir=tmp_path_factory.mktemp("stack"),
+        kafka_port=19092, kafka_controller_port=19093,
+        clickhouse_server=True, clickhouse_port=19000,
+        tenant_partitions=4, shard_partitions=2, reply_partitions=2,
+    )
+
+
+@pytest.fixture(scope="session")
+async def stack(settings: Settings) -> AsyncIterator[UpReport]:
+    report = await up(settings, print)
+    yield report
+    down(settings, print)
+    assert procs.tracked(settings.run_dir()) == {}
+
+
+@pytest.fixture(scope="session")
+async def pipeline(settings: Settings, stack: UpReport) -> AsyncIterator[list[str]]:
+    """The pass-through agent and an echo worker, answering once this fixture returns."""
+    names = start_pipeline(settings)
+    async with TokenweirClient(settings.bootstrap) as client:
+        reply = await client.submit(make_request(prompt="warm up"), timeout_s=120)
+    assert isinstance(reply, InferenceResult) and reply.status == "ok"
+    yield names
+    for name in names:
+        procs.stop(settings.run_dir(), name)
+
+
+async def eventually(check, timeout_s: float = 60.0, interval_s: float = 0.5):  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = await check()
+        if result or asyncio.get_running_loop().time() > deadline:
+            return result
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,116 @@
+"""Requests end to end through the real broker, agent and worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import TypeAdapter
+
+from infra import procs
+from schemas.config import Settings
+from schemas.events import DeadLetter, InferenceResult, Rejection, Reply
+from streams.client import TokenweirClient
+from streams.topics import DLQ, REQUESTS, RESPONSES, shard_topic
+from tests.builders import make_request, malformed_requests, request_doc
+
+REPLY = TypeAdapter(Reply)
+
+
+async def test_client_request_gets_echo_result_from_worker(settings, pipeline):
+    async with TokenweirClient(settings.bootstrap) as client:
+        reply = await client.submit(make_request(prompt="one two three four", max_tokens=3))
+    assert isinstance(reply, InferenceResult)
+    assert (reply.status, reply.text, reply.finish_reason) == ("ok", "one two three", "length")
+    assert reply.usage.input_tokens == 4 and reply.usage.output_tokens == 3
+    assert reply.shard in (0, 1)
+
+
+async def test_unknown_model_gets_rejection_on_reply_topic(settings, pipeline):
+    async with TokenweirClient(settings.bootstrap) as client:
+        reply = await client.submit(make_request(model="no-such-model"))
+    assert isinstance(reply, Rejection) and reply.reason == "unknown_model"
+
+
+def _kcat_read(kcat: str, settings: Settings, topic: str) -> list[str]:
+    out = subprocess.run([kcat, "-b", settings.bootstrap, "-C", "-t", topic, "-o", "beginning",
+                          "-e", "-q", "-f", "%s\n"], capture_output=True, text=True, timeout=60,
+                         check=True)
+    return out.stdout.splitlines()
+
+
+async def test_kcat_plain_json_request_comes_back_on_responses(settings, pipeline, kcat):
+    doc = request_doc(request_id="kcat-req-1", tenant="kcat-tenant", prompt="from kcat")
+    subprocess.run([kcat, "-b", settings.bootstrap, "-P", "-t", REQUESTS, "-K", "|"],
+                   input=f"kcat-tenant|{json.dumps(doc)}\n", text=True, check=True, timeout=30)
+    replies: list[Reply] = []
+    for _ in range(120):
+        lines = await asyncio.to_thread(_kcat_read, kcat, settings, RESPONSES)
+        replies = [REPLY.validate_json(ln) for ln in lines if "kcat-req-1" in ln]
+        if replies:
+            break
+        await asyncio.sleep(0.5)
+    assert replies, "no result for the kcat request on tw.responses"
+    assert isinstance(replies[0], InferenceResult)
+    assert replies[0].text == "from kcat" and replies[0].tenant == "kcat-tenant"
+
+
+async def _dead_letters(settings: Settings, wanted: set[tuple[str, int, int]],
+                        timeout_s: float = 90) -> dict[tuple[str, int, int], DeadLetter]:
+    consumer = AIOKafkaConsumer(DLQ, bootstrap_servers=settings.bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    found: dict[tuple[str, int, int], DeadLetter] = {}
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(found) < len(wanted) and asyncio.get_running_loop().time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    letter = DeadLetter.model_validate_json(record.value)
+                    origin = (letter.origin_topic, letter.origin_partition, letter.origin_offset)
+                    if origin in wanted:
+                        found[origin] = letter
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def _produce(settings: Settings, topic: str, records: list[bytes], key: bytes | None
+                   ) -> set[tuple[str, int, int]]:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, raw, key=key) for raw in records]
+        metas = await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return {(m.topic, m.partition, m.offset) for m in metas}
+
+
+async def test_thousand_malformed_requests_become_dead_letters_and_agent_keeps_going(
+        settings, pipeline):
+    bad = malformed_requests(1000)
+    origins = await _produce(settings, REQUESTS, [raw for _, raw in bad], key=b"mallory")
+    letters = await _dead_letters(settings, origins)
+    assert len(letters) == 1000
+    expected_reasons = {reason for reason, _ in bad}
+    assert all(any(r in letter.reason for r in expected_reasons) for letter in letters.values())
+    assert procs.running(settings.run_dir(), "agent-passthrough") is not None
+    async with TokenweirClient(settings.bootstrap) as client:
+        replies = await asyncio.gather(*(client.submit(make_request(prompt=f"after {i}"))
+                                         for i in range(5)))
+    assert [r.text for r in replies if isinstance(r, InferenceResult)] == [
+        f"after {i}" for i in range(5)]
+
+
+async def test_malformed_shard_records_dead_lettered_by_worker(settings, pipeline):
+    origins = await _produce(settings, shard_topic("tiny-llama"),
+                             [raw for _, raw in malformed_requests(20)], key=None)
+    letters = await _dead_letters(settings, origins)
+    assert len(letters) == 20
+    assert {letter.consumer for letter in letters.values()} == {"worker.tiny-llama"}
+    async with TokenweirClient(settings.bootstrap) as client:
+        reply = await client.submit(make_request(prompt="still serving"))
+    assert isinstance(reply, InferenceResult) and reply.text == "still serving"
