@@ -43,8 +43,9 @@ def _kcat_read(kcat: str, settings: Settings, topic: str) -> list[str]:
 
 async def test_kcat_plain_json_request_comes_back_on_responses(settings, pipeline, kcat):
     doc = request_doc(request_id="kcat-req-1", tenant="kcat-tenant", prompt="from kcat")
-    subprocess.run([kcat, "-b", settings.bootstrap, "-P", "-t", REQUESTS, "-K", "|"],
-                   input=f"kcat-tenant|{json.dumps(doc)}\n", text=True, check=True, timeout=30)
+    await asyncio.to_thread(
+        subprocess.run, [kcat, "-b", settings.bootstrap, "-P", "-t", REQUESTS, "-K", "|"],
+        input=f"kcat-tenant|{json.dumps(doc)}\n", text=True, check=True, timeout=30)
     replies: list[Reply] = []
     for _ in range(120):
         lines = await asyncio.to_thread(_kcat_read, kcat, settings, RESPONSES)
