@@ -52,3 +52,34 @@ def malformed_requests(n: int) -> list[tuple[str, bytes]]:
         ("exactly one of 'messages' or 'prompt'", request_json(prompt=None)),
     ]
     return [kinds[i % len(kinds)] for i in range(n)]
+
+
+def make_heartbeat(**overrides: Any):  # type: ignore[no-untyped-def]
+    from schemas.events import WorkerHeartbeat
+
+    fields: dict[str, Any] = {"worker": "w-1", "model": "tiny-llama", "engine": "sim", "seq": 1,
+                              "shards": [0, 1, 2, 3], "engine_state": "ready",
+                              "capacity_mu_per_min": 6000.0, "sent_at": 1000.0}
+    fields.update(overrides)
+    return WorkerHeartbeat(**fields)
+
+
+def make_tenant(**overrides: Any):  # type: ignore[no-untyped-def]
+    from schemas.tenancy import TenantConfig
+
+    fields: dict[str, Any] = {"limit_mu_per_min": 60.0, "burst_mu": 10.0}
+    fields.update(overrides)
+    return TenantConfig(**fields)
+
+
+SECRET = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+
+def make_config(**overrides: Any):  # type: ignore[no-untyped-def]
+    from schemas.tenancy import ApiKey, ControlPlaneConfig
+
+    fields: dict[str, Any] = {"auth_required": False,
+                              "tenants": {"acme": make_tenant()},
+                              "keys": {"k-acme": ApiKey(tenant="acme", secret=SECRET)}}
+    fields.update(overrides)
+    return ControlPlaneConfig(**fields)

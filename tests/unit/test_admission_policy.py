@@ -1,0 +1,245 @@
+import pytest
+
+from agents.auth import authenticate, sign
+from agents.capacity import CapacityPool, SlidingSum
+from agents.control import AdmissionController, Admit, Reject, Settle, Skip
+from agents.estimator import CostEstimator, StreamingQuantile
+from agents.limiter import TokenBucketLimiter
+from agents.router import ShardRouter
+from schemas.cost import CostModel
+from tests.builders import (
+    SECRET,
+    make_config,
+    make_heartbeat,
+    make_request,
+    make_tenant,
+    make_usage,
+)
+
+NOW = 1000.0
+
+
+# -- authentication -----------------------------------------------------------
+def test_auth_signed_request_accepted():
+    config = make_config(auth_required=True)
+    assert authenticate(sign(make_request(), "k-acme", SECRET), config) is None
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        pytest.param(lambda r: r, "not signed", id="unsigned"),
+        pytest.param(lambda r: sign(r, "k-nobody", SECRET), "unknown key", id="unknown-key"),
+        pytest.param(lambda r: sign(r, "k-acme", SECRET).model_copy(update={"max_tokens": 9}),
+                     "does not match", id="tampered-body"),
+        pytest.param(lambda r: sign(r, "k-acme", "ff" * 32), "does not match", id="wrong-secret"),
+        pytest.param(lambda r: sign(r.model_copy(update={"tenant": "globex"}), "k-acme", SECRET),
+                     "does not belong", id="other-tenants-key"),
+    ],
+)
+def test_auth_forged_or_unsigned_rejected(mutate, fragment):
+    denied = authenticate(mutate(make_request()), make_config(auth_required=True))
+    assert denied is not None and fragment in denied
+
+
+# -- estimator ------------------------------------------------------------------
+def test_streaming_quantile_within_relative_error():
+    sketch = StreamingQuantile()
+    for v in range(1, 10_001):
+        sketch.add(v)
+    assert sketch.quantile(0.9) == pytest.approx(9000, rel=0.05)
+    assert sketch.quantile(0.5) == pytest.approx(5000, rel=0.05)
+
+
+def test_estimator_uses_prior_then_observed_quantile_capped_by_max_tokens():
+    est = CostEstimator(min_observations=5, prior_output_tokens=100)
+    assert est.expected_output_tokens("acme", "m", max_tokens=50) == 50
+    assert est.expected_output_tokens("acme", "m", max_tokens=500) == 100
+    for _ in range(10):
+        est.observe("acme", "m", 300)
+    assert est.expected_output_tokens("acme", "m", 1000) == pytest.approx(300, rel=0.05)
+    assert est.expected_output_tokens("acme", "m", 200) == 200
+
+
+def test_estimator_input_tokens_approximation_and_tokenizer():
+    request = make_request(prompt="x" * 41)
+    assert CostEstimator().count_input_tokens(request) == 11
+    assert CostEstimator(tokenizers={"tiny-llama": lambda t: 3}).count_input_tokens(request) == 3
+
+
+def test_cost_model_discounts_cached_input():
+    cost = CostModel(alpha=1.0, beta=2.0, gamma=10.0, delta=0.5)
+    assert cost.model_units(100, 10, images=1) == 130.0
+    assert cost.model_units(100, 10, images=1, cached_tokens=40) == 110.0
+
+
+# -- limiter --------------------------------------------------------------------
+def test_limiter_burst_then_refill_at_rate():
+    limiter, tenant = TokenBucketLimiter(), make_tenant(limit_mu_per_min=60.0, burst_mu=10.0)
+    state = limiter.fresh(tenant, NOW)
+    for i in range(10):
+        assert limiter.check(state, tenant, 1.0).admitted
+        state = limiter.charge(state, f"r{i}", 1.0)
+    over = limiter.check(state, tenant, 1.0)
+    assert not over.admitted and over.retry_after_s == pytest.approx(1.0)
+    state = limiter.refill(state, tenant, NOW + 2.0)
+    assert state.tokens == pytest.approx(2.0)
+
+
+def test_limiter_reconcile_refunds_charges_and_ignores_duplicates():
+    limiter, tenant = TokenBucketLimiter(), make_tenant()
+    state = limiter.charge(limiter.fresh(tenant, NOW), "r1", 4.0)
+    settled = limiter.reconcile(state, "r1", 1.5)
+    assert settled is not None
+    assert (settled.charged_mu, settled.actual_mu, settled.tokens) == (1.5, 1.5, 8.5)
+    assert limiter.reconcile(settled, "r1", 1.5) is None
+
+
+# -- capacity -------------------------------------------------------------------
+def test_sliding_sum_expires_old_buckets():
+    window = SlidingSum(window_s=10, step_s=1)
+    window.add(5, NOW)
+    window.add(3, NOW + 5)
+    assert window.total(NOW + 9) == 8
+    assert window.total(NOW + 10.5) == 3
+
+
+def test_pool_reservation_always_admitted_even_when_full():
+    pool = CapacityPool(window_s=60)
+    pool.set_capacity(capacity_mu_per_min=100, reserved_mu_per_min=50)
+    for _ in range(60):  # fill the shared 50 MU
+        d = pool.decide("ppt", 0, "high", 1.0, NOW)
+        if d.admitted:
+            pool.record("ppt", d, 1.0, NOW)
+    assert not pool.decide("ppt", 0, "high", 1.0, NOW).admitted
+    reserved = pool.decide("prov", 50, "normal", 10.0, NOW)
+    assert reserved.admitted and reserved.reason == "reservation"
+
+
+def test_pool_saturated_admits_only_tenants_below_fair_share():
+    pool = CapacityPool(window_s=60)
+    pool.set_capacity(capacity_mu_per_min=100, reserved_mu_per_min=0)
+    for _ in range(95):  # alone, the hog's fair share is the whole pool
+        d = pool.decide("hog", 0, "high", 1.0, NOW)
+        assert d.admitted
+        pool.record("hog", d, 1.0, NOW)
+    small = pool.decide("small", 0, "high", 1.0, NOW)
+    assert small.admitted and small.reason == "fair share"
+    pool.record("small", small, 1.0, NOW)
+    hog = pool.decide("hog", 0, "high", 1.0, NOW)
+    assert not hog.admitted and hog.retry_after_s > 0
+
+
+def test_pool_low_priority_leaves_headroom_for_high():
+    pool = CapacityPool(window_s=60)
+    pool.set_capacity(capacity_mu_per_min=100, reserved_mu_per_min=0)
+    for tenant in ("a", "b", "c", "d"):
+        for _ in range(19):
+            d = pool.decide(tenant, 0, "low", 1.0, NOW)
+            pool.record(tenant, d, 1.0, NOW)
+    assert pool._shared.total(NOW) == 76
+    assert not pool.decide("e", 0, "low", 1.0, NOW).admitted
+    assert pool.decide("e", 0, "high", 1.0, NOW).admitted
+
+
+# -- router ---------------------------------------------------------------------
+def test_router_only_routes_to_fresh_ready_shards():
+    router = ShardRouter(heartbeat_timeout_s=5)
+    router.observe(make_heartbeat(worker="w-1", shards=[0, 1]), NOW)
+    router.observe(make_heartbeat(worker="w-2", shards=[2, 3], engine_state="draining"), NOW)
+    assert router.healthy_shards("tiny-llama", NOW + 1) == [0, 1]
+    assert router.route("tiny-llama", None, NOW + 6) is None  # w-1 went silent
+
+
+def test_router_shards_move_with_rebalance():
+    router = ShardRouter()
+    router.observe(make_heartbeat(worker="w-1", shards=[0, 1, 2, 3]), NOW)
+    router.observe(make_heartbeat(worker="w-1", shards=[0, 1], seq=2), NOW)
+    router.observe(make_heartbeat(worker="w-2", shards=[2, 3]), NOW)
+    assert router.healthy_shards("tiny-llama", NOW) == [0, 1, 2, 3]
+    router.exclude("w-2")
+    assert router.healthy_shards("tiny-llama", NOW) == [0, 1]
+
+
+def test_router_session_sticks_until_load_bound_exceeded():
+    router = ShardRouter(balance=1.25)
+    router.observe(make_heartbeat(), NOW)
+    first = router.route("tiny-llama", "conv-7", NOW, 1.0)
+    assert first is not None
+    for i in range(3):
+        route = router.route("tiny-llama", "conv-7", NOW, 1.0)
+        assert route is not None and route.shard == first.shard
+        other = router.route("tiny-llama", None, NOW, 1.0)
+        assert other is not None
+        router.routed(f"o{i}", other, 1.0)
+    router.load[("tiny-llama", first.shard)] = 100.0  # the sticky shard is overloaded
+    moved = router.route("tiny-llama", "conv-7", NOW, 1.0)
+    assert moved is not None and moved.shard != first.shard and not moved.sticky
+
+
+def test_router_without_session_picks_least_loaded_and_completion_frees_load():
+    router = ShardRouter()
+    router.observe(make_heartbeat(shards=[0, 1]), NOW)
+    a = router.route("tiny-llama", None, NOW, 5.0)
+    assert a is not None
+    router.routed("r1", a, 5.0)
+    b = router.route("tiny-llama", None, NOW, 5.0)
+    assert b is not None and b.shard != a.shard
+    router.completed("r1")
+    assert router.load[("tiny-llama", a.shard)] == 0.0
+
+
+# -- admission controller ----------------------------------------------------------
+def controller(**config_overrides):
+    ctl = AdmissionController(make_config(**config_overrides), models=["tiny-llama"])
+    ctl.observe_heartbeat(make_heartbeat(sent_at=NOW), NOW)
+    return ctl
+
+
+def test_controller_admits_charges_and_settles_exactly():
+    ctl = controller()
+    admit = ctl.admit(None, make_request(request_id="r1", max_tokens=100), 0, NOW)
+    assert isinstance(admit, Admit) and admit.state.pending == {"r1": admit.estimate.model_units}
+    settle = ctl.settle(admit.state, make_usage(request_id="r1", model_units=0.42), 0)
+    assert isinstance(settle, Settle)
+    assert settle.state.charged_mu == pytest.approx(settle.state.actual_mu) == 0.42
+    again = ctl.settle(settle.state, make_usage(request_id="r1", model_units=0.42), 1)
+    assert isinstance(again, Settle) and again.duplicate
+    assert again.state.charged_mu == pytest.approx(0.42)
+
+
+def test_controller_replayed_offsets_are_not_applied_twice():
+    ctl = controller()
+    admit = ctl.admit(None, make_request(request_id="r1"), 5, NOW)
+    assert isinstance(admit, Admit)
+    replay = ctl.admit(admit.state, make_request(request_id="r1"), 5, NOW)
+    assert isinstance(replay, Admit) and replay.replay and replay.state == admit.state
+    settled = ctl.settle(admit.state, make_usage(request_id="r1"), 3)
+    assert isinstance(settled, Settle)
+    assert isinstance(ctl.settle(settled.state, make_usage(request_id="r1"), 3), Skip)
+    assert isinstance(ctl.admit(settled.state, make_request(request_id="r1"), 5, NOW), Skip)
+
+
+def test_controller_over_limit_rejects_with_retry_after():
+    ctl = controller(tenants={"acme": make_tenant(limit_mu_per_min=6.0, burst_mu=1.0)})
+    state = None
+    outcomes = []
+    for i in range(20):
+        d = ctl.admit(state, make_request(request_id=f"r{i}", max_tokens=10), i, NOW)
+        state = d.state if not isinstance(d, Skip) else state
+        outcomes.append(d)
+    rejected = [d for d in outcomes if isinstance(d, Reject)]
+    assert rejected and all(r.rejection.reason == "rate_limited" for r in rejected)
+    assert all(r.rejection.retry_after_s and r.rejection.retry_after_s > 0 for r in rejected)
+
+
+def test_controller_no_healthy_worker_rejects_over_capacity():
+    ctl = AdmissionController(make_config(), models=["tiny-llama"])
+    d = ctl.admit(None, make_request(), 0, NOW)
+    assert isinstance(d, Reject) and d.rejection.reason == "over_capacity"
+
+
+def test_controller_unknown_tenant_without_default_is_rejected():
+    ctl = controller(default_tenant=None)
+    d = ctl.admit(None, make_request(tenant="stranger"), 0, NOW)
+    assert isinstance(d, Reject) and d.rejection.reason == "unauthenticated"
