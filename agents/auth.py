@@ -1,28 +1,12 @@
-"""Tenant authentication: HMAC-SHA256 over a request's canonical body. Pure."""
+"""Tenant authentication at admission. Pure."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import json
 
 from schemas.events import InferenceRequest
+from schemas.signing import signature
 from schemas.tenancy import ControlPlaneConfig
-
-
-def canonical_body(request: InferenceRequest) -> bytes:
-    """The request as sorted, compact JSON without its signature: what is signed."""
-    doc = request.model_dump(mode="json", exclude={"signature"})
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def signature(request: InferenceRequest, secret_hex: str) -> str:
-    return hmac.new(bytes.fromhex(secret_hex), canonical_body(request), hashlib.sha256).hexdigest()
-
-
-def sign(request: InferenceRequest, key_id: str, secret_hex: str) -> InferenceRequest:
-    unsigned = request.model_copy(update={"key_id": key_id, "signature": None})
-    return unsigned.model_copy(update={"signature": signature(unsigned, secret_hex)})
 
 
 def authenticate(request: InferenceRequest, config: ControlPlaneConfig) -> str | None:

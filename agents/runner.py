@@ -12,18 +12,24 @@ from agents import AgentsError
 from schemas.config import Settings
 from streams.app import create_app
 
-AGENTS = ("passthrough",)
+AGENTS = ("passthrough", "admission")
 
 
 def build(settings: Settings, names: list[str]) -> faust.App:
     unknown = sorted(set(names) - set(AGENTS))
     if unknown:
         raise AgentsError(f"unknown agent(s) {unknown}; known: {list(AGENTS)}")
+    if {"passthrough", "admission"} <= set(names):
+        raise AgentsError("passthrough and admission both consume tw.requests: run one")
     app = create_app(settings)
     if "passthrough" in names:
         from agents import passthrough
 
         passthrough.register(app, settings)
+    if "admission" in names:
+        from agents import admission
+
+        admission.register(app, settings)
     return app
 
 

@@ -146,7 +146,7 @@ def schemas_export(directory: Path) -> None:
 @click.argument("names", nargs=-1, required=True)
 @click.option("--loglevel", default="WARNING")
 def agent(names: tuple[str, ...], loglevel: str) -> None:
-    """Run Faust agents (NAMES: passthrough) in this process."""
+    """Run Faust agents (NAMES: admission or passthrough) in this process."""
     from agents import AgentsError
     from agents.runner import run
 
@@ -170,6 +170,8 @@ def worker(model: str, engine: str, worker_id: str | None) -> None:
 
 async def _serve(settings: Settings, model: str, engine_name: str, worker_id: str | None
                  ) -> None:
+    from schemas.cost import CostModel
+    from schemas.tenancy import load_config
     from streams.sink import KafkaEventSink
     from workers.engines.echo import EchoEngine
     from workers.worker import ShardWorker
@@ -178,11 +180,13 @@ async def _serve(settings: Settings, model: str, engine_name: str, worker_id: st
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    config = load_config(settings.control_config) if settings.control_config else None
+    cost = config.cost(model) if config else CostModel()
     sink = KafkaEventSink(settings.bootstrap, client_id=f"worker-{model}")
     await sink.start()
     try:
         await ShardWorker(bootstrap=settings.bootstrap, model=model, engine=EchoEngine(),
-                          sink=sink, worker_id=worker_id).run(stop)
+                          sink=sink, worker_id=worker_id, cost=cost).run(stop)
     finally:
         await sink.stop()
 

@@ -1,4 +1,4 @@
-"""The main job (for now): stack up, pass-through agent, echo worker, requests end to end."""
+"""The main job (for now): stack up, admission agent, echo worker, requests end to end."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import asyncio
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable
 
 from infra import InfraError, procs
 from infra.stack import down, up
 from schemas.config import Settings
-from schemas.events import InferenceRequest, InferenceResult
+from schemas.events import InferenceRequest, InferenceResult, Rejection, Reply
 from streams import StreamsError
 from streams.client import TokenweirClient
 
@@ -29,13 +30,13 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "infra.cli", *args]
 
 
-def start_pipeline(settings: Settings) -> list[str]:
-    """Start the pass-through agent and one echo worker per model; their process names."""
+def start_pipeline(settings: Settings, agent: str = "admission") -> list[str]:
+    """Start the agent and one echo worker per model; their process names."""
     run_dir, logs = settings.run_dir(), settings.state_dir / "logs"
     env = {**os.environ, **settings.to_env()}
-    names = ["agent-passthrough"]
-    procs.spawn(run_dir, "agent-passthrough", _cli("agent", "passthrough"),
-                log_path=logs / "agent-passthrough.log", env=env)
+    names = [f"agent-{agent}"]
+    procs.spawn(run_dir, f"agent-{agent}", _cli("agent", agent),
+                log_path=logs / f"agent-{agent}.log", env=env)
     for model in settings.models:
         name = f"worker-{model}-0"
         procs.spawn(run_dir, name, _cli("worker", "--model", model, "--engine", "echo"),
@@ -44,7 +45,34 @@ def start_pipeline(settings: Settings) -> list[str]:
     return names
 
 
+DEMO_CONFIG = """\
+# Demo profile: requests are not signed here, so authentication is off
+# explicitly. Production configs keep auth_required = true and list keys.
+auth_required = false
+
+[models.tiny-llama]
+alpha = 0.001
+beta = 0.01
+capacity_mu_per_min = 6000
+
+[default_tenant]
+limit_mu_per_min = 600
+burst_mu = 100
+"""
+
+
+def demo_settings(settings: Settings) -> Settings:
+    """The demo's control-plane file, unless one is configured."""
+    if settings.control_config is not None:
+        return settings
+    path = settings.state_dir / "demo-control.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(DEMO_CONFIG)
+    return settings.model_copy(update={"control_config": path.resolve()})
+
+
 async def run_demo(settings: Settings, say: Say, *, n_requests: int, keep_running: bool) -> None:
+    settings = demo_settings(settings)
     await up(settings, say)
     names = start_pipeline(settings)
     say(f"started {', '.join(names)}; logs in {settings.state_dir / 'logs'}")
@@ -55,6 +83,19 @@ async def run_demo(settings: Settings, say: Say, *, n_requests: int, keep_runnin
             say("stack left running; `tokenweir down` stops it")
         else:
             down(settings, say)
+
+
+async def submit_honouring_retry_after(client: TokenweirClient, request: InferenceRequest,
+                                      attempts: int = 30) -> Reply:
+    """Submit; on an over-capacity rejection wait its retry-after and resubmit (new id)."""
+    reply: Reply = await client.submit(request, timeout_s=120)
+    for _ in range(attempts):
+        if not isinstance(reply, Rejection) or reply.reason != "over_capacity":
+            break
+        await asyncio.sleep(reply.retry_after_s or 1.0)
+        request = request.model_copy(update={"request_id": uuid.uuid4().hex})
+        reply = await client.submit(request, timeout_s=120)
+    return reply
 
 
 async def _send(settings: Settings, say: Say, n_requests: int) -> None:
@@ -68,7 +109,8 @@ async def _send(settings: Settings, say: Say, n_requests: int) -> None:
     async with TokenweirClient(settings.bootstrap) as client:
         # The first request also waits for the agent's and worker's group joins.
         try:
-            replies = await asyncio.gather(*(client.submit(r, timeout_s=120) for r in requests))
+            replies = await asyncio.gather(*(submit_honouring_retry_after(client, r)
+                                             for r in requests))
         except StreamsError as exc:
             raise InfraError(f"demo request failed: {exc}") from exc
     say(f"{'request':<34} {'tenant':<9} {'status':<9} {'shard':>5}  text")

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     shard_partitions: Annotated[int, Field(ge=1, le=1024)] = 4  # per tw.shard.<model>
     reply_partitions: Annotated[int, Field(ge=1, le=1024)] = 4
 
+    # Tenants, keys, limits and per-model costs (TOML, re-read when it changes).
+    # None: built-in defaults, authentication on, no keys (everything is refused).
+    control_config: Path | None = None
+
     # Faust.
     app_id: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")] = "tokenweir"
     table_store: str = "memory://"

@@ -242,7 +242,26 @@ class DeadLetter(Event):
     at: float = Field(default_factory=time.time)  # epoch s
 
 
+class TenantUsage(Event):
+    """Live metering of one tenant against its limits (compacted, key tenant)."""
+
+    tenant: Name
+    limit_mu_per_min: float  # MU/min
+    burst_mu: float  # MU
+    reservation_mu_per_min: float  # MU/min
+    bucket_mu: float  # MU available now; negative is debt
+    charged_mu: float  # Σ charged since the state began
+    actual_mu: float  # Σ actual MU reported by workers
+    pending: int  # requests admitted and not yet settled
+    admitted: int
+    rejected: int
+    mu_last_minute: dict[str, float] = {}  # model -> MU in the current 1-minute window
+    mu_last_10s: dict[str, float] = {}  # model -> MU in the current 10 s hopping window
+    at: float = Field(default_factory=time.time)  # epoch s
+
+
 ALL_EVENTS: tuple[type[Event], ...] = (
+    TenantUsage,
     InferenceRequest,
     InferenceResult,
     Rejection,

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable
 from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -53,9 +54,10 @@ class TokenweirClient:
         *,
         reply_topic: str = RESPONSES,
         request_topic: str = REQUESTS,
-        signer: object | None = None,
+        signer: Callable[[InferenceRequest], InferenceRequest] | None = None,
     ) -> None:
         self._bootstrap = bootstrap
+        self._signer = signer
         self.reply_topic = reply_topic
         self._request_topic = request_topic
         self._sink = KafkaEventSink(bootstrap, linger_ms=1, client_id="tokenweir-client")
@@ -108,7 +110,9 @@ class TokenweirClient:
             fut.cancel()
 
     async def send(self, request: InferenceRequest) -> asyncio.Future[Reply]:
-        """Produce one request; the returned future resolves with its reply."""
+        """Produce one request (signed, when the client has a signer); the future is its reply."""
+        if self._signer is not None:
+            request = self._signer(request)
         if request.reply_topic != self.reply_topic:
             raise StreamsError(
                 f"request replies to {request.reply_topic}, this client reads {self.reply_topic}"

@@ -17,6 +17,7 @@ HEALTH = "tw.health"
 ALERTS = "tw.alerts"
 DLQ = "tw.dlq"
 CONFIG = "tw.config"
+METERING = "tw.metering"
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -66,6 +67,8 @@ def registry(settings: Settings) -> list[TopicSpec]:
                   value="DeadLetter"),
         TopicSpec(name=CONFIG, partitions=1, key="config section", compacted=True,
                   value="config document"),
+        TopicSpec(name=METERING, partitions=1, key="tenant", compacted=True,
+                  value="TenantUsage"),
     ]
     topics += [
         TopicSpec(name=shard_topic(model), partitions=settings.shard_partitions,

@@ -14,8 +14,9 @@ from infra.demo import start_pipeline
 from infra.stack import UpReport, down, up
 from schemas.config import Settings
 from schemas.events import InferenceResult
+from schemas.signing import Signer
 from streams.client import TokenweirClient
-from tests.builders import make_request
+from tests.builders import SECRET, make_request
 
 KCAT = shutil.which("kcat") or shutil.which("kafkacat")
 
@@ -33,10 +34,26 @@ def kcat() -> str:
     return KCAT
 
 
+TENANT_KEYS = {tenant: (f"key-{tenant}", SECRET) for tenant in
+               ("acme", "globex", "kcat-tenant", "mallory")}
+SIGNER = Signer(TENANT_KEYS)
+
+CONTROL_CONFIG = "auth_required = true\n" + "".join(
+    f'[keys.{key_id}]\ntenant = "{tenant}"\nsecret = "{secret}"\n'
+    f"[tenants.{tenant}]\nlimit_mu_per_min = 100000\nburst_mu = 10000\n"
+    for tenant, (key_id, secret) in TENANT_KEYS.items())
+
+
+def signed_client(settings: Settings) -> TokenweirClient:
+    return TokenweirClient(settings.bootstrap, signer=SIGNER)
+
+
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    state = tmp_path_factory.mktemp("stack")
+    (state / "control.toml").write_text(CONTROL_CONFIG)
     return Settings(
-        state_dir=tmp_path_factory.mktemp("stack"),
+        state_dir=state, control_config=state / "control.toml",
         kafka_port=19092, kafka_controller_port=19093,
         clickhouse_server=True, clickhouse_port=19000,
         tenant_partitions=4, shard_partitions=2, reply_partitions=2,
@@ -55,8 +72,14 @@ async def stack(settings: Settings) -> AsyncIterator[UpReport]:
 async def pipeline(settings: Settings, stack: UpReport) -> AsyncIterator[list[str]]:
     """The pass-through agent and an echo worker, answering once this fixture returns."""
     names = start_pipeline(settings)
-    async with TokenweirClient(settings.bootstrap) as client:
-        reply = await client.submit(make_request(prompt="warm up"), timeout_s=120)
+    # The first answer also waits for the agent's and worker's first heartbeats.
+    reply = None
+    for _ in range(60):
+        async with signed_client(settings) as client:
+            reply = await client.submit(make_request(prompt="warm up"), timeout_s=120)
+        if isinstance(reply, InferenceResult):
+            break
+        await asyncio.sleep(1)
     assert isinstance(reply, InferenceResult) and reply.status == "ok"
     yield names
     for name in names:

@@ -11,16 +11,17 @@ from pydantic import TypeAdapter
 
 from infra import procs
 from schemas.config import Settings
-from schemas.events import DeadLetter, InferenceResult, Rejection, Reply
-from streams.client import TokenweirClient
+from schemas.events import DeadLetter, InferenceRequest, InferenceResult, Rejection, Reply
+from schemas.signing import sign
 from streams.topics import DLQ, REQUESTS, RESPONSES, shard_topic
 from tests.builders import make_request, malformed_requests, request_doc
+from tests.integration.conftest import TENANT_KEYS, signed_client
 
 REPLY = TypeAdapter(Reply)
 
 
 async def test_client_request_gets_echo_result_from_worker(settings, pipeline):
-    async with TokenweirClient(settings.bootstrap) as client:
+    async with signed_client(settings) as client:
         reply = await client.submit(make_request(prompt="one two three four", max_tokens=3))
     assert isinstance(reply, InferenceResult)
     assert (reply.status, reply.text, reply.finish_reason) == ("ok", "one two three", "length")
@@ -29,20 +30,31 @@ async def test_client_request_gets_echo_result_from_worker(settings, pipeline):
 
 
 async def test_unknown_model_gets_rejection_on_reply_topic(settings, pipeline):
-    async with TokenweirClient(settings.bootstrap) as client:
+    async with signed_client(settings) as client:
         reply = await client.submit(make_request(model="no-such-model"))
     assert isinstance(reply, Rejection) and reply.reason == "unknown_model"
 
 
 def _kcat_read(kcat: str, settings: Settings, topic: str) -> list[str]:
     out = subprocess.run([kcat, "-b", settings.bootstrap, "-C", "-t", topic, "-o", "beginning",
-                          "-e", "-q", "-f", "%s\n"], capture_output=True, text=True, timeout=60,
+                          "-e", "-q", "-f", "%s\n"], capture_output=True, encoding="utf-8",
+                         errors="replace", timeout=60,
                          check=True)
     return out.stdout.splitlines()
 
 
+def _kcat_read_all(settings: Settings, topic: str) -> list[str]:
+    from tests.integration.conftest import KCAT
+
+    assert KCAT is not None
+    return _kcat_read(KCAT, settings, topic)
+
+
 async def test_kcat_plain_json_request_comes_back_on_responses(settings, pipeline, kcat):
-    doc = request_doc(request_id="kcat-req-1", tenant="kcat-tenant", prompt="from kcat")
+    # Signed here, sent by kcat as plain JSON: any producer can sign a request.
+    unsigned = InferenceRequest(**request_doc(request_id="kcat-req-1", tenant="kcat-tenant",
+                                              prompt="from kcat"))
+    doc = sign(unsigned, *TENANT_KEYS["kcat-tenant"]).model_dump(mode="json")
     await asyncio.to_thread(
         subprocess.run, [kcat, "-b", settings.bootstrap, "-P", "-t", REQUESTS, "-K", "|"],
         input=f"kcat-tenant|{json.dumps(doc)}\n", text=True, check=True, timeout=30)
@@ -98,8 +110,8 @@ async def test_thousand_malformed_requests_become_dead_letters_and_agent_keeps_g
     assert len(letters) == 1000
     expected_reasons = {reason for reason, _ in bad}
     assert all(any(r in letter.reason for r in expected_reasons) for letter in letters.values())
-    assert procs.running(settings.run_dir(), "agent-passthrough") is not None
-    async with TokenweirClient(settings.bootstrap) as client:
+    assert procs.running(settings.run_dir(), "agent-admission") is not None
+    async with signed_client(settings) as client:
         replies = await asyncio.gather(*(client.submit(make_request(prompt=f"after {i}"))
                                          for i in range(5)))
     assert [r.text for r in replies if isinstance(r, InferenceResult)] == [
@@ -112,6 +124,28 @@ async def test_malformed_shard_records_dead_lettered_by_worker(settings, pipelin
     letters = await _dead_letters(settings, origins)
     assert len(letters) == 20
     assert {letter.consumer for letter in letters.values()} == {"worker.tiny-llama"}
-    async with TokenweirClient(settings.bootstrap) as client:
+    async with signed_client(settings) as client:
         reply = await client.submit(make_request(prompt="still serving"))
     assert isinstance(reply, InferenceResult) and reply.text == "still serving"
+
+
+async def test_thousand_forged_or_unsigned_requests_rejected_none_reach_shards(
+        settings, pipeline):
+    forged = []
+    for i in range(1000):
+        request = make_request(request_id=f"forged-{i}", tenant="acme")
+        match i % 4:
+            case 0:
+                forged.append(request)  # unsigned
+            case 1:
+                forged.append(sign(request, "key-unknown", "ab" * 32))
+            case 2:
+                forged.append(sign(request, "key-acme", "cd" * 32))  # wrong secret
+            case _:
+                forged.append(sign(request, *TENANT_KEYS["globex"]))  # another tenant's key
+    async with signed_client(settings) as client:
+        client._signer = None  # send them exactly as forged
+        replies = await asyncio.gather(*(client.submit(r, timeout_s=120) for r in forged))
+    assert all(isinstance(r, Rejection) and r.reason == "unauthenticated" for r in replies)
+    on_shards = await asyncio.to_thread(_kcat_read_all, settings, shard_topic("tiny-llama"))
+    assert not [line for line in on_shards if "forged-" in line]

@@ -1,12 +1,13 @@
 import pytest
 
-from agents.auth import authenticate, sign
+from agents.auth import authenticate
 from agents.capacity import CapacityPool, SlidingSum
 from agents.control import AdmissionController, Admit, Reject, Settle, Skip
 from agents.estimator import CostEstimator, StreamingQuantile
 from agents.limiter import TokenBucketLimiter
 from agents.router import ShardRouter
 from schemas.cost import CostModel
+from schemas.signing import sign
 from tests.builders import (
     SECRET,
     make_config,
