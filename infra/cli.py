@@ -192,6 +192,38 @@ async def _serve(settings: Settings, model: str, engine_name: str, worker_id: st
 
 
 @main.command()
+@click.option("--start", "start_s", type=float, default=78000.0, show_default=True,
+              help="Trace second the slice starts at (78000 s holds the day's peak).")
+@click.option("--duration", "duration_s", type=float, default=1200.0, show_default=True)
+@click.option("--speedup", type=float, default=4.0, show_default=True)
+@click.option("--kill-agent-at", "kill_at_s", type=float, default=None,
+              help="kill -9 the admission agent this many wall seconds in, then restart it.")
+def replay(start_s: float, duration_s: float, speedup: float, kill_at_s: float | None) -> None:
+    """Replay the ServeGen trace (one tenant per client) through the real admission agent."""
+    from infra.replay import Replay, replay_settings
+    from infra.stack import down as stack_down
+    from infra.stack import up as stack_up
+
+    base = _settings()
+    settings = replay_settings(base.state_dir / "replay", base)
+
+    async def go() -> str:
+        await stack_up(settings, _say)
+        try:
+            job = Replay(settings, _say, start_s=start_s, duration_s=duration_s,
+                         speedup=speedup, kill_at_s=kill_at_s)
+            _say(f"replaying {len(job.planned)} requests from {len(job.tenants)} tenants "
+                 f"over {job.planned[-1].wall_s:.0f}s")
+            report = await job.run()
+        finally:
+            stack_down(settings, _say)
+        return report.model_dump_json()
+
+    result = _run(go())
+    click.echo(result)
+
+
+@main.command()
 @click.option("--requests", "n_requests", type=int, default=6, show_default=True)
 @click.option("--keep-running", is_flag=True, help="Leave the stack up afterwards.")
 def demo(n_requests: int, keep_running: bool) -> None:

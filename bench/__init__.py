@@ -1,0 +1,1 @@
+"""Benchmarks (``python -m bench.NAME``) and the trace loaders they and replays share."""
