@@ -7,3 +7,7 @@ class WorkersError(Exception):
 
 class EngineError(WorkersError):
     """An engine failed to serve one request (the request gets an error result)."""
+
+
+class CalibrationError(WorkersError):
+    """A calibration that cannot give a cost model (degenerate grid, unusable fit)."""

@@ -30,7 +30,7 @@ from streams.deadletter import decode_or_dead_letter
 from streams.sink import EventSink
 from streams.topics import HEARTBEATS, USAGE, shard_topic
 from workers import EngineError
-from workers.engines.base import Engine
+from workers.engines.base import REQUEST_PRIORITY, Engine
 
 log = logging.getLogger(__name__)
 _REQUEST: TypeAdapter[InferenceRequest] = TypeAdapter(InferenceRequest)
@@ -122,7 +122,8 @@ class ShardWorker:
         self._in_flight += 1
         started = time.time()
         try:
-            generation = await self._engine.generate(request)
+            generation = await self._engine.generate(
+                request, priority=REQUEST_PRIORITY[request.priority])
         except EngineError as exc:
             await self._sink.send(request.reply_topic, InferenceResult(
                 request_id=request.request_id, tenant=request.tenant, model=request.model,
