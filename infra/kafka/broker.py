@@ -163,7 +163,10 @@ class KafkaBroker:
             return False
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cluster_id = _kafka_uuid()
-        cmd = self._java(jar_dir, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+        cmd = self._java(jar_dir, "kafka.tools.StorageTool", "format",
+                         # One argument: an id may start with "-", which argparse
+                         # would otherwise read as an option (1 run in 64 failed).
+                         f"--cluster-id={cluster_id}",
                          "-c", str(self.config))
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
