@@ -111,7 +111,7 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
                 partition=msg.partition, offset=msg.offset, consumer="metering")
             if usage is None:
                 continue
-            decision = ctl.settle(state_of(usage.tenant), usage, msg.offset)
+            decision = ctl.settle(state_of(usage.tenant), usage, msg.offset, time.time())
             if not isinstance(decision, Settle):
                 continue
             tenants[usage.tenant] = decision.state.model_dump()

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from agents.auth import authenticate
-from agents.capacity import CapacityPool
+from agents.capacity import CapacityPool, PoolDecision
 from agents.estimator import CostEstimator, Estimate
 from agents.limiter import TenantState, TokenBucketLimiter
 from agents.router import Route, ShardRouter
@@ -75,13 +75,15 @@ class AdmissionController:
         self.router.observe(beat, now)
 
     def _reject(self, request: InferenceRequest, reason: str, detail: str,
-                state: TenantState | None, retry_after_s: float | None = None) -> Reject:
+                state: TenantState | None, retry_after_s: float | None = None,
+                model_units: float | None = None) -> Reject:
         if state is not None:
             state = state.model_copy(update={"rejected": state.rejected + 1})
         return Reject(rejection=Rejection(
             request_id=request.request_id, tenant=request.tenant, model=request.model,
             reason=reason, detail=detail[:1024],  # type: ignore[arg-type]
-            retry_after_s=None if retry_after_s is None else round(retry_after_s, 3)),
+            retry_after_s=None if retry_after_s is None else round(retry_after_s, 3),
+            model_units=model_units),
             state=state)
 
     def admit(self, state: TenantState | None, request: InferenceRequest, offset: int,
@@ -100,41 +102,46 @@ class AdmissionController:
         state = self.limiter.refill(state or self.limiter.fresh(tenant, now), tenant, now)
         state = state.model_copy(update={"request_offset": offset})
         estimate = self.estimator.estimate(request, self.config.cost(request.model))
-        limit = self.limiter.check(state, tenant, estimate.model_units)
+        mu = estimate.model_units
+        limit = self.limiter.check(state, tenant, mu, now)
         if not limit.admitted:
             return self._reject(request, "rate_limited",
                                 f"tenant limit {tenant.limit_mu_per_min:g} MU/min (burst "
-                                f"{tenant.burst_mu:g}); request ~{estimate.model_units:.2f} MU",
-                                state, limit.retry_after_s)
-        self.pool.set_capacity(self.router.live_capacity(now), self.config.reserved_mu_per_min())
-        share = self.pool.decide(request.tenant, tenant.reservation_mu_per_min, request.priority,
-                                 estimate.model_units, now)
+                                f"{tenant.burst_mu:g}); {limit.window_mu:.2f} MU in the last "
+                                f"minute; request ~{mu:.2f} MU", state, limit.retry_after_s, mu)
+        if limit.path == "reservation":
+            share = PoolDecision(admitted=True, reason="reservation")
+        else:
+            self.pool.set_capacity(self.router.live_capacity(now),
+                                   self.config.reserved_mu_per_min())
+            share = self.pool.decide(request.tenant, 0.0, request.priority, mu, now)
         if not share.admitted:
             return self._reject(request, "over_capacity", share.reason, state,
-                                share.retry_after_s)
-        route = self.router.route(request.model, request.session_key, now, estimate.model_units)
+                                share.retry_after_s, mu)
+        route = self.router.route(request.model, request.session_key, now, mu)
         if route is None:
             return self._reject(request, "over_capacity",
                                 f"no healthy worker serves {request.model}", state,
-                                NO_SHARD_RETRY_S)
-        self.pool.record(request.tenant, share, estimate.model_units, now)
-        self.router.routed(request.request_id, route, estimate.model_units)
-        state = self.limiter.charge(state, request.request_id, estimate.model_units)
+                                NO_SHARD_RETRY_S, mu)
+        self.pool.record(request.tenant, share, mu, now)
+        self.router.routed(request.request_id, route, mu)
+        state = self.limiter.charge(state, request.request_id, mu, now)
         return Admit(route=route, estimate=estimate, state=state)
 
     def _replayed(self, state: TenantState, request: InferenceRequest, now: float
                   ) -> Admit | Skip:
         """A request seen before a restart: charged already; resend its route if pending."""
-        reserved = state.pending.get(request.request_id)
-        if reserved is None:
+        found = state.pending.get(request.request_id)
+        if found is None:
             return Skip(why="request already settled or rejected before a restart")
+        reserved = found[0]
         route = self.router.route(request.model, request.session_key, now, reserved)
         if route is None:
             return Skip(why="replayed request has no healthy shard yet; it stays pending")
         estimate = Estimate(input_tokens=0, output_tokens=0, images=0, model_units=reserved)
         return Admit(route=route, estimate=estimate, state=state, replay=True)
 
-    def settle(self, state: TenantState | None, usage: UsageEvent, offset: int
+    def settle(self, state: TenantState | None, usage: UsageEvent, offset: int, now: float
                ) -> Settle | Skip:
         self.router.completed(usage.request_id)
         if state is None:
@@ -142,7 +149,8 @@ class AdmissionController:
         if offset <= state.usage_offset:
             return Skip(why="usage already applied before a restart")
         state = state.model_copy(update={"usage_offset": offset})
-        settled = self.limiter.reconcile(state, usage.request_id, usage.model_units)
+        settled = self.limiter.reconcile(state, self.config.tenant(usage.tenant),
+                                         usage.request_id, usage.model_units, now)
         if settled is None:
             return Settle(state=state.model_copy(update={"duplicates": state.duplicates + 1}),
                           delta_mu=0.0, duplicate=True)

@@ -1,20 +1,37 @@
-"""Per-tenant token bucket in model units, with reconciliation. Pure.
+"""Per-tenant limits in model units: token bucket, 60 s window and reservation. Pure.
 
-The bucket holds up to ``burst_mu`` MU and refills at ``limit_mu_per_min``;
-a request is admitted when its estimated MU is in the bucket. When the
-worker reports actual usage, the difference to the reservation is refunded
-or charged; a charge may take the bucket below zero (debt), which delays
-the tenant's next admissions until it is repaid. In any window of length
-T, what is admitted is at most ``burst_mu + limit·T`` plus outstanding debt.
+Three rules, all in MU:
+
+* **Bucket.** Holds up to ``burst_mu`` and refills at ``limit_mu_per_min``;
+  a request is admitted when its estimated MU is in the bucket.
+* **Window.** MU charged in the last minute (1-second slots; the window spans
+  60 to 61 s so that it covers every 60 s interval) stays within
+  ``limit + burst``. The bucket alone would allow ``burst + limit`` per minute
+  *plus* whatever refunds brought back, so the window is what bounds each
+  minute for the tenant and for whoever bills it.
+* **Reservation.** A provisioned tenant whose window, with the request, is
+  within its reservation is admitted whatever the bucket says: a reservation
+  is capacity the tenant holds, not a best-effort share. (It still charges
+  the bucket, so the tenant's total stays bounded by the two rules above.)
+
+Reconciliation: when the worker reports actual usage, the difference to the
+reservation is charged or refunded, to the bucket and to the window slot the
+request was admitted in. A charge may take the bucket below zero (debt), which holds back the
+tenant's next admissions until it is repaid; a refund never fills the bucket
+above its burst.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.tenancy import TenantConfig
+
+WINDOW_S = 60
+NEVER_S = 3600.0  # retry-after for a request that can never fit the tenant's limits
 
 
 class TenantState(BaseModel):
@@ -26,7 +43,9 @@ class TenantState(BaseModel):
     updated_at: float  # epoch s of the last refill
     charged_mu: float = 0.0  # Σ reservations + reconciliation deltas
     actual_mu: float = 0.0  # Σ actual MU reported by workers
-    pending: dict[str, float] = {}  # request id -> MU reserved, awaiting its usage event
+    # request id -> (MU reserved, epoch second it was charged in), awaiting its usage event
+    pending: dict[str, tuple[float, int]] = {}
+    window: dict[int, float] = {}  # epoch second -> MU charged in it (last 61 s only)
     admitted: Annotated[int, Field(ge=0)] = 0
     rejected: Annotated[int, Field(ge=0)] = 0
     duplicates: Annotated[int, Field(ge=0)] = 0  # redelivered usage events ignored
@@ -39,7 +58,13 @@ class LimitDecision(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     admitted: bool
-    retry_after_s: float = 0.0  # when the bucket will hold the request's MU
+    path: Literal["reservation", "limit", "rejected"]
+    retry_after_s: float = 0.0  # s until the request would fit
+    window_mu: float = 0.0  # MU charged in the last minute before this request
+
+
+def _first_slot(now: float) -> int:
+    return math.floor(now) - WINDOW_S
 
 
 class TokenBucketLimiter:
@@ -49,38 +74,80 @@ class TokenBucketLimiter:
     def refill(self, state: TenantState, config: TenantConfig, now: float) -> TenantState:
         elapsed = max(0.0, now - state.updated_at)
         tokens = min(config.burst_mu, state.tokens + elapsed * config.limit_mu_per_min / 60.0)
-        return state.model_copy(update={"tokens": tokens, "updated_at": max(now, state.updated_at)})
+        first = _first_slot(now)
+        window = {s: mu for s, mu in state.window.items() if s >= first}
+        return state.model_copy(update={"tokens": tokens, "window": window,
+                                        "updated_at": max(now, state.updated_at)})
 
-    def check(self, state: TenantState, config: TenantConfig, cost_mu: float) -> LimitDecision:
-        """Would ``cost_mu`` fit now? (``state`` already refilled.)"""
-        if cost_mu <= state.tokens:
-            return LimitDecision(admitted=True)
+    def window_mu(self, state: TenantState, now: float) -> float:
+        first = _first_slot(now)
+        return sum(mu for s, mu in state.window.items() if s >= first)
+
+    def check(self, state: TenantState, config: TenantConfig, cost_mu: float, now: float
+              ) -> LimitDecision:
+        """Would ``cost_mu`` be admitted now? (``state`` already refilled.)"""
+        used = self.window_mu(state, now)
+        if used + cost_mu <= config.reservation_mu_per_min:
+            return LimitDecision(admitted=True, path="reservation", window_mu=used)
+        ceiling = config.limit_mu_per_min + config.burst_mu
+        if cost_mu <= state.tokens and used + cost_mu <= ceiling:
+            return LimitDecision(admitted=True, path="limit", window_mu=used)
         rate = config.limit_mu_per_min / 60.0
         if rate <= 0 or cost_mu > config.burst_mu:
             # Never fits: a rate of zero, or a request larger than the whole burst.
-            return LimitDecision(admitted=False, retry_after_s=3600.0)
-        return LimitDecision(admitted=False, retry_after_s=(cost_mu - state.tokens) / rate)
+            return LimitDecision(admitted=False, path="rejected", retry_after_s=NEVER_S,
+                                 window_mu=used)
+        wait = max((cost_mu - state.tokens) / rate, self._window_wait(state, ceiling - cost_mu,
+                                                                     now))
+        return LimitDecision(admitted=False, path="rejected", retry_after_s=wait, window_mu=used)
 
-    def charge(self, state: TenantState, request_id: str, cost_mu: float) -> TenantState:
+    def _window_wait(self, state: TenantState, room: float, now: float) -> float:
+        """Seconds until the window's charges drop to ``room`` as slots expire."""
+        total = self.window_mu(state, now)
+        for slot in sorted(state.window):
+            if total <= room:
+                break
+            total -= state.window[slot]
+            if total <= room:
+                return max(0.0, slot + WINDOW_S + 1 - now)
+        return 0.0
+
+    def charge(self, state: TenantState, request_id: str, cost_mu: float, now: float
+               ) -> TenantState:
         return state.model_copy(update={
             "tokens": state.tokens - cost_mu,
             "charged_mu": state.charged_mu + cost_mu,
-            "pending": {**state.pending, request_id: cost_mu},
+            "pending": {**state.pending, request_id: (cost_mu, math.floor(now))},
+            "window": _add(state.window, math.floor(now), cost_mu),
             "admitted": state.admitted + 1,
         })
 
-    def reconcile(self, state: TenantState, request_id: str, actual_mu: float
-                  ) -> TenantState | None:
+    def reconcile(self, state: TenantState, config: TenantConfig | None, request_id: str,
+                  actual_mu: float, now: float) -> TenantState | None:
         """Settle a reservation with actual usage; None if already settled (a duplicate)."""
-        reserved = state.pending.get(request_id)
-        if reserved is None:
+        found = state.pending.get(request_id)
+        if found is None:
             return None
+        reserved, slot = found
         pending = dict(state.pending)
         del pending[request_id]
         delta = actual_mu - reserved
+        # The difference belongs to the second the request was admitted in, so the
+        # window counts actual MU by admission time. Once that second has left the
+        # window, a refund has nothing left to lower and a charge lands now.
+        if slot < _first_slot(now):
+            slot = math.floor(now) if delta > 0 else -1
+        tokens = state.tokens - delta
+        if config is not None:
+            tokens = min(config.burst_mu, tokens)
         return state.model_copy(update={
-            "tokens": state.tokens - delta,
+            "tokens": tokens,
             "charged_mu": state.charged_mu + delta,
             "actual_mu": state.actual_mu + actual_mu,
             "pending": pending,
+            "window": state.window if slot < 0 else _add(state.window, slot, delta),
         })
+
+
+def _add(window: dict[int, float], slot: int, mu: float) -> dict[int, float]:
+    return {**window, slot: max(0.0, window.get(slot, 0.0) + mu)}

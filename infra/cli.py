@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Coroutine
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from infra import InfraError
 from schemas.config import Settings
 from schemas.errors import SchemaError
+from workers.engines import ENGINE_NAMES
 
 T = TypeVar("T")
 
@@ -158,7 +160,7 @@ def agent(names: tuple[str, ...], loglevel: str) -> None:
 
 @main.command()
 @click.option("--model", required=True)
-@click.option("--engine", type=click.Choice(["echo"]), default="echo")
+@click.option("--engine", type=click.Choice(ENGINE_NAMES), default="echo")
 @click.option("--worker-id", default=None)
 def worker(model: str, engine: str, worker_id: str | None) -> None:
     """Serve one model's shards with an engine until SIGTERM (then drain)."""
@@ -173,7 +175,8 @@ async def _serve(settings: Settings, model: str, engine_name: str, worker_id: st
     from schemas.cost import CostModel
     from schemas.tenancy import load_config
     from streams.sink import KafkaEventSink
-    from workers.engines.echo import EchoEngine
+    from workers import WorkersError
+    from workers.engines import make_engine
     from workers.worker import ShardWorker
 
     stop = asyncio.Event()
@@ -182,13 +185,75 @@ async def _serve(settings: Settings, model: str, engine_name: str, worker_id: st
         loop.add_signal_handler(sig, stop.set)
     config = load_config(settings.control_config) if settings.control_config else None
     cost = config.cost(model) if config else CostModel()
+    try:
+        engine = make_engine(engine_name, model=model, cost=cost)
+    except WorkersError as exc:
+        raise InfraError(str(exc)) from exc
     sink = KafkaEventSink(settings.bootstrap, client_id=f"worker-{model}")
     await sink.start()
     try:
-        await ShardWorker(bootstrap=settings.bootstrap, model=model, engine=EchoEngine(),
+        await ShardWorker(bootstrap=settings.bootstrap, model=model, engine=engine,
                           sink=sink, worker_id=worker_id, cost=cost).run(stop)
     finally:
+        await engine.close()
         await sink.stop()
+
+
+@main.command()
+@click.option("--engine", "engine_name", type=click.Choice(ENGINE_NAMES), default="sim",
+              show_default=True)
+@click.option("--model", required=True)
+@click.option("--write", "write_path", type=click.Path(path_type=Path), default=None,
+              help="Update the [models.MODEL] entry of this TOML file (default: print it).")
+@click.option("--inputs", default="128,512,2048", show_default=True, help="Prompt lengths.")
+@click.option("--outputs", default="16,64,256", show_default=True, help="Output lengths.")
+@click.option("--images", default="", help="Image counts to time too (fits γ).")
+@click.option("--requests", "n_requests", type=int, default=256, show_default=True,
+              help="Completions timed per grid point.")
+@click.option("--max-batch", type=int, default=64, show_default=True,
+              help="Engine batch size; twice this many requests are kept in flight.")
+@click.option("--time-scale", type=float, default=0.1, show_default=True,
+              help="sim: wall seconds per simulated second.")
+@click.option("--seed", type=int, default=0)
+def calibrate(engine_name: str, model: str, write_path: Path | None, inputs: str, outputs: str,
+              images: str, n_requests: int, max_batch: int, time_scale: float, seed: int) -> None:
+    """Fit a model's α, β (γ with --images) and capacity C by driving an engine at saturation."""
+    from schemas.cost import CostModel
+    from workers import WorkersError
+    from workers.calibrate import (
+        CalibrationGrid,
+        existing_cost,
+        format_point,
+        format_report,
+        parse_counts,
+        run_calibration,
+        toml_entry,
+        write_model_entry,
+    )
+
+    settings = _settings()
+    try:
+        # β anchors the MU scale: take it from the entry being replaced, else
+        # from the control-plane configuration, else the defaults.
+        sources = [p for p in (write_path, settings.control_config) if p is not None]
+        anchor = next((c for c in (existing_cost(p, model) for p in sources) if c), CostModel())
+        grid = CalibrationGrid(input_tokens=parse_counts(inputs, what="--inputs"),
+                               output_tokens=parse_counts(outputs, what="--outputs"),
+                               images=parse_counts(images, what="--images"),
+                               requests_per_point=n_requests, concurrency=2 * max_batch)
+        _say(f"calibrating {engine_name} for {model}: {len(grid.shapes())} grid points, "
+             f"{n_requests} timed requests each, {grid.concurrency} in flight")
+        result = asyncio.run(run_calibration(
+            engine_name, model=model, grid=grid, anchor=anchor, seed=seed, max_batch=max_batch,
+            time_scale=time_scale, on_point=lambda m: _say(format_point(m))))
+        _say(format_report(result))
+        if write_path is None:
+            _say("\n" + toml_entry(model, result.cost_model()).rstrip())
+        else:
+            write_model_entry(write_path, model, result.cost_model())
+            _say(f"wrote [models.{model}] to {write_path}")
+    except (WorkersError, ValidationError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
@@ -206,6 +271,10 @@ def replay(start_s: float, duration_s: float, speedup: float, kill_at_s: float |
 
     base = _settings()
     settings = replay_settings(base.state_dir / "replay", base)
+    # A replay starts from nothing: request ids repeat between runs, and old
+    # tables or committed offsets would be read back as this run's state.
+    stack_down(settings, _say)
+    shutil.rmtree(settings.state_dir, ignore_errors=True)
 
     async def go() -> str:
         await stack_up(settings, _say)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 from aiokafka import AIOKafkaConsumer
 from pydantic import TypeAdapter
@@ -42,7 +41,7 @@ class TraceFleet:
         self._replicas = replicas
         self._capacity = capacity_mu_per_min
         self._sink = KafkaEventSink(bootstrap, client_id="trace-fleet")
-        self.admitted_at: dict[str, float] = {}  # request id -> wall time first seen
+        self.admitted_at: dict[str, float] = {}  # request id -> epoch s first routed
         self.shard_of: dict[str, int] = {}
         self.redelivered = 0
 
@@ -62,7 +61,10 @@ class TraceFleet:
                 batches = await consumer.getmany(timeout_ms=100, max_records=500)
                 records = [r for rs in batches.values() for r in rs]
                 for record in records:
-                    await self._serve(decode(record.value, _REQUEST), record.partition)
+                    # The record's timestamp is when the admission agent produced it:
+                    # the admission time that per-minute limits are checked against.
+                    await self._serve(decode(record.value, _REQUEST), record.partition,
+                                      record.timestamp / 1000.0)
                 if records:
                     await self._sink.flush()
                     await consumer.commit()
@@ -73,12 +75,11 @@ class TraceFleet:
             await consumer.stop()
             await self._sink.stop()
 
-    async def _serve(self, request: InferenceRequest, shard: int) -> None:
-        now = time.time()
+    async def _serve(self, request: InferenceRequest, shard: int, admitted_at: float) -> None:
         if request.request_id in self.admitted_at:
             self.redelivered += 1
         else:
-            self.admitted_at[request.request_id] = now
+            self.admitted_at[request.request_id] = admitted_at
             self.shard_of[request.request_id] = shard
         output = self._outputs.get(request.request_id, 1)
         inputs = -(-len(request.prompt_text()) // 4)

@@ -12,6 +12,7 @@ that Σ charged = Σ actual.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import signal
@@ -274,7 +275,11 @@ class Replay:
             agent_killed_at_s=None if killed_at is None else round(killed_at, 1))
 
     def _reservation_breaches(self, admitted: dict[str, list[tuple[float, float]]]) -> int:
-        """Rejections of provisioned tenants whose last minute, with the request, fit."""
+        """Rejections of provisioned tenants whose window, with the request, fit the reservation.
+
+        The window is the agent's: MU admitted from the start of the second 60 s
+        before the rejection; the request counts at the MU it was estimated at.
+        """
         by_id = {p.request.request_id: p for p in self.planned}
         breaches = 0
         for rid, reply in self.replies.items():
@@ -283,9 +288,14 @@ class Replay:
             if not isinstance(reply, Rejection) or not plan_.reservation_mu_per_min:
                 continue
             at = reply.rejected_at
-            used = sum(mu for t, mu in admitted[p.request.tenant] if at - 60 <= t <= at)
-            if used + p.mu <= plan_.reservation_mu_per_min:
+            first = math.floor(at) - 60
+            used = sum(mu for t, mu in admitted[p.request.tenant] if first <= t <= at)
+            if used + (reply.model_units or p.mu) <= plan_.reservation_mu_per_min:
                 breaches += 1
+                if breaches <= 5:
+                    self.say(f"  reservation breach {rid} {p.request.tenant}: window {used:.1f} + "
+                             f"{reply.model_units} > {plan_.reservation_mu_per_min:.1f}? "
+                             f"{reply.detail}")
         return breaches
 
 

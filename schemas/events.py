@@ -143,6 +143,7 @@ class Rejection(Event):
     ]
     detail: ShortText = ""
     retry_after_s: Annotated[float, Field(ge=0)] | None = None
+    model_units: Annotated[float, Field(ge=0)] | None = None  # MU the request was estimated at
     rejected_at: float = Field(default_factory=time.time)  # epoch s
 
 

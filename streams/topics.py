@@ -23,8 +23,17 @@ HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 
 
+# Faust tables of the admission app, co-partitioned with tw.requests / tw.usage.
+TENANT_TABLES = ("tenants", "mu-minute", "mu-10s")
+
+
 def shard_topic(model: str) -> str:
     return f"tw.shard.{model}"
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    """The name Faust gives a table's changelog topic."""
+    return f"{app_id}-{table}-changelog"
 
 
 class TopicSpec(BaseModel):
@@ -69,6 +78,13 @@ def registry(settings: Settings) -> list[TopicSpec]:
                   value="config document"),
         TopicSpec(name=METERING, partitions=1, key="tenant", compacted=True,
                   value="TenantUsage"),
+    ]
+    # Faust table changelogs, created here with the source topics' partition count
+    # (Faust requires co-partitioning and races its own creation on a fresh broker).
+    topics += [
+        TopicSpec(name=changelog_topic(settings.app_id, table), partitions=tenants,
+                  key="table key", compacted=True, value=f"table {table}")
+        for table in TENANT_TABLES
     ]
     topics += [
         TopicSpec(name=shard_topic(model), partitions=settings.shard_partitions,

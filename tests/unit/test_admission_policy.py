@@ -79,9 +79,9 @@ def test_limiter_burst_then_refill_at_rate():
     limiter, tenant = TokenBucketLimiter(), make_tenant(limit_mu_per_min=60.0, burst_mu=10.0)
     state = limiter.fresh(tenant, NOW)
     for i in range(10):
-        assert limiter.check(state, tenant, 1.0).admitted
-        state = limiter.charge(state, f"r{i}", 1.0)
-    over = limiter.check(state, tenant, 1.0)
+        assert limiter.check(state, tenant, 1.0, NOW).admitted
+        state = limiter.charge(state, f"r{i}", 1.0, NOW)
+    over = limiter.check(state, tenant, 1.0, NOW)
     assert not over.admitted and over.retry_after_s == pytest.approx(1.0)
     state = limiter.refill(state, tenant, NOW + 2.0)
     assert state.tokens == pytest.approx(2.0)
@@ -89,11 +89,61 @@ def test_limiter_burst_then_refill_at_rate():
 
 def test_limiter_reconcile_refunds_charges_and_ignores_duplicates():
     limiter, tenant = TokenBucketLimiter(), make_tenant()
-    state = limiter.charge(limiter.fresh(tenant, NOW), "r1", 4.0)
-    settled = limiter.reconcile(state, "r1", 1.5)
+    state = limiter.charge(limiter.fresh(tenant, NOW), "r1", 4.0, NOW)
+    settled = limiter.reconcile(state, tenant, "r1", 1.5, NOW)
     assert settled is not None
     assert (settled.charged_mu, settled.actual_mu, settled.tokens) == (1.5, 1.5, 8.5)
-    assert limiter.reconcile(settled, "r1", 1.5) is None
+    assert limiter.reconcile(settled, tenant, "r1", 1.5, NOW) is None
+
+
+def test_limiter_refund_never_fills_bucket_above_burst():
+    limiter, tenant = TokenBucketLimiter(), make_tenant(burst_mu=10.0)
+    state = limiter.charge(limiter.fresh(tenant, NOW), "r1", 4.0, NOW)
+    state = limiter.refill(state, tenant, NOW + 60)  # refilled to the burst meanwhile
+    settled = limiter.reconcile(state, tenant, "r1", 0.0, NOW + 60)
+    assert settled is not None and settled.tokens == 10.0 and settled.charged_mu == 0.0
+
+
+def test_limiter_underestimate_becomes_debt_that_delays_next_admission():
+    limiter, tenant = TokenBucketLimiter(), make_tenant(limit_mu_per_min=60.0, burst_mu=10.0)
+    state = limiter.charge(limiter.fresh(tenant, NOW), "r1", 2.0, NOW)
+    state = limiter.reconcile(state, tenant, "r1", 14.0, NOW)
+    assert state is not None and state.tokens == pytest.approx(-4.0)
+    over = limiter.check(state, tenant, 1.0, NOW)
+    assert not over.admitted and over.retry_after_s == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("refund", [pytest.param(0.0, id="exact-estimates"),
+                                    pytest.param(0.9, id="overestimates-refunded")])
+def test_limiter_provisioned_flood_never_exceeds_limit_plus_burst_per_minute(refund):
+    limiter = TokenBucketLimiter()
+    tenant = make_tenant(plan="provisioned", limit_mu_per_min=60.0, burst_mu=10.0,
+                         reservation_mu_per_min=30.0)
+    state, admitted_at = limiter.fresh(tenant, NOW), []
+    for i in range(1800):  # 10 requests/s of 1 MU for 3 minutes
+        now = NOW + i / 10
+        state = limiter.refill(state, tenant, now)
+        if limiter.check(state, tenant, 1.0, now).admitted:
+            state = limiter.charge(state, f"r{i}", 1.0, now)
+            state = limiter.reconcile(state, tenant, f"r{i}", 1.0 - refund, now)
+            admitted_at.append((now, 1.0 - refund))
+    worst = max(sum(mu for t, mu in admitted_at if start <= t < start + 60)
+                for start in (NOW + k / 10 for k in range(1200)))
+    assert 30.0 <= worst <= 70.0 + 1e-9
+
+
+def test_limiter_reservation_admits_beyond_empty_bucket_up_to_reservation():
+    limiter = TokenBucketLimiter()
+    tenant = make_tenant(plan="provisioned", limit_mu_per_min=60.0, burst_mu=1.0,
+                         reservation_mu_per_min=30.0)
+    state = limiter.fresh(tenant, NOW)
+    paths = []
+    for i in range(40):
+        decision = limiter.check(state, tenant, 1.0, NOW)
+        paths.append(decision.path)
+        if decision.admitted:
+            state = limiter.charge(state, f"r{i}", 1.0, NOW)
+    assert paths.count("reservation") == 30 and paths[30:] == ["rejected"] * 10
 
 
 # -- capacity -------------------------------------------------------------------
@@ -200,11 +250,12 @@ def controller(**config_overrides):
 def test_controller_admits_charges_and_settles_exactly():
     ctl = controller()
     admit = ctl.admit(None, make_request(request_id="r1", max_tokens=100), 0, NOW)
-    assert isinstance(admit, Admit) and admit.state.pending == {"r1": admit.estimate.model_units}
-    settle = ctl.settle(admit.state, make_usage(request_id="r1", model_units=0.42), 0)
+    assert isinstance(admit, Admit)
+    assert admit.state.pending == {"r1": (admit.estimate.model_units, 1000)}
+    settle = ctl.settle(admit.state, make_usage(request_id="r1", model_units=0.42), 0, NOW)
     assert isinstance(settle, Settle)
     assert settle.state.charged_mu == pytest.approx(settle.state.actual_mu) == 0.42
-    again = ctl.settle(settle.state, make_usage(request_id="r1", model_units=0.42), 1)
+    again = ctl.settle(settle.state, make_usage(request_id="r1", model_units=0.42), 1, NOW)
     assert isinstance(again, Settle) and again.duplicate
     assert again.state.charged_mu == pytest.approx(0.42)
 
@@ -215,9 +266,9 @@ def test_controller_replayed_offsets_are_not_applied_twice():
     assert isinstance(admit, Admit)
     replay = ctl.admit(admit.state, make_request(request_id="r1"), 5, NOW)
     assert isinstance(replay, Admit) and replay.replay and replay.state == admit.state
-    settled = ctl.settle(admit.state, make_usage(request_id="r1"), 3)
+    settled = ctl.settle(admit.state, make_usage(request_id="r1"), 3, NOW)
     assert isinstance(settled, Settle)
-    assert isinstance(ctl.settle(settled.state, make_usage(request_id="r1"), 3), Skip)
+    assert isinstance(ctl.settle(settled.state, make_usage(request_id="r1"), 3, NOW), Skip)
     assert isinstance(ctl.admit(settled.state, make_request(request_id="r1"), 5, NOW), Skip)
 
 
