@@ -9,29 +9,40 @@ instance (each router needs the whole fleet) outside the consumer group.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
-from datetime import timedelta
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TypeVar, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import TypeAdapter
+from faust.streams import Stream
+from faust.types import TableT
+from pydantic import BaseModel, TypeAdapter
 
+from agents import windows
 from agents.control import AdmissionController, Admit, Reject, Settle
-from agents.limiter import TenantState
+from agents.limiter import Reservation, TenantState
 from schemas.config import Settings
 from schemas.errors import ConfigError
 from schemas.events import InferenceRequest, TenantUsage, UsageEvent, WorkerHeartbeat
-from schemas.tenancy import ControlPlaneConfig, load_config
+from schemas.tenancy import ControlPlaneConfig, TenantConfig, load_config
 from streams import DecodeError
 from streams.app import FaustEventSink, raw_topic
 from streams.codec import decode
 from streams.deadletter import decode_or_dead_letter
 from streams.sink import EventSink
-from streams.topics import HEARTBEATS, METERING, REQUESTS, USAGE
+from streams.topics import HEARTBEATS, METERING, REQUESTS, RESERVED_MU_HEADER, TENANT_TABLE, USAGE
 
 log = logging.getLogger(__name__)
+_M = TypeVar("_M", bound=BaseModel)
+_T = TypeVar("_T")
+# Records handled per batch, and how long a batch waits to fill (it adds that much
+# latency at most, and saves one tenant-state write per extra record of a tenant).
+BATCH_MAX = 500
+BATCH_WITHIN_S = 0.002
 _REQUEST: TypeAdapter[InferenceRequest] = TypeAdapter(InferenceRequest)
 _USAGE: TypeAdapter[UsageEvent] = TypeAdapter(UsageEvent)
 _BEAT: TypeAdapter[WorkerHeartbeat] = TypeAdapter(WorkerHeartbeat)
@@ -67,59 +78,145 @@ async def apply_admission(sink: EventSink, request: InferenceRequest,
     if isinstance(decision, Reject):
         await sink.send(request.reply_topic, decision.rejection, key=request.request_id)
     else:
+        # The reservation rides along as a header: workers report in-flight MU in the
+        # router's own units, and observers can audit admissions against limits.
         await sink.send(f"tw.shard.{decision.route.model}", request,
                         key=request.session_key or request.request_id,
-                        partition=decision.route.shard)
+                        partition=decision.route.shard,
+                        headers=[(RESERVED_MU_HEADER, f"{decision.reservation.mu:.6f}".encode())])
+
+
+class Ledger:
+    """The admission app's one table: tenant states (key ``t/<tenant>``) and reservations
+    (key ``r/<request id>``), in one changelog so that, per tenant partition, what a crash
+    keeps is a prefix of what was written.
+
+    Agents work in batches: reservations are written as they are decided, each touched
+    tenant's state once at the end of the batch (after its reservations, before the
+    batch's offsets are acknowledged). Writes name their partition (the tenant's, that
+    of the record being processed) instead of relying on Faust's current event.
+
+    Parsed values are cached by the identity of the stored object: a value recovered
+    from the changelog or written by another instance is a new object and is parsed again.
+    """
+
+    RETAIN_SETTLED_S = 600.0  # how long a settled reservation is kept to spot redeliveries
+
+    def __init__(self, table: TableT) -> None:
+        self.table = table
+        self._cache: dict[str, tuple[object, BaseModel]] = {}
+        self._dirty: dict[str, tuple[int, TenantState]] = {}  # tenant -> partition, state
+        self._settled: dict[str, collections.deque[tuple[float, str]]] = {}  # tenant -> keys
+
+    def _get(self, key: str, model: type[_M]) -> _M | None:
+        raw = self.table.get(key)
+        if raw is None:
+            return None
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is raw:
+            return hit[1]  # type: ignore[return-value]
+        value = model.model_validate(raw)
+        self._cache[key] = (raw, value)
+        return value
+
+    def _put(self, partition: int, key: str, value: BaseModel | None) -> None:
+        if value is None:
+            self._cache.pop(key, None)
+            self.table.data.pop(key, None)
+            self.table.send_changelog(partition, key, None, value_serializer="raw")
+            return
+        raw = value.model_dump()
+        self.table.data[key] = raw
+        self._cache[key] = (raw, value)
+        self.table.send_changelog(partition, key, raw)
+
+    def state(self, tenant: str) -> TenantState | None:
+        dirty = self._dirty.get(tenant)
+        return dirty[1] if dirty is not None else self._get(f"t/{tenant}", TenantState)
+
+    def reservation(self, request_id: str) -> Reservation | None:
+        return self._get(f"r/{request_id}", Reservation)
+
+    def stage(self, partition: int, tenant: str, state: TenantState | None,
+              request_id: str | None = None, reservation: Reservation | None = None) -> None:
+        if reservation is not None and request_id is not None:
+            self._put(partition, f"r/{request_id}", reservation)
+            if reservation.settled_at is not None:
+                self._settled.setdefault(tenant, collections.deque()).append(
+                    (reservation.settled_at, f"r/{request_id}"))
+        if state is not None:
+            self._dirty[tenant] = (partition, state)
+
+    def commit(self, now: float) -> None:
+        """Write the batch's tenant states, then purge a few long-settled reservations."""
+        for tenant, (partition, state) in self._dirty.items():
+            self._put(partition, f"t/{tenant}", state)
+            queue = self._settled.get(tenant)
+            for _ in range(8):
+                if not queue or queue[0][0] >= now - self.RETAIN_SETTLED_S:
+                    break
+                self._put(partition, queue.popleft()[1], None)
+        self._dirty.clear()
+
+
+def batches(stream: faust.StreamT[bytes]) -> AsyncIterator[Sequence[faust.EventT]]:
+    # take_events is on faust's Stream class, not on its StreamT protocol.
+    return cast(Stream, stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S)
 
 
 def register(app: faust.App, settings: Settings) -> AdmissionController:
     watcher = ConfigWatcher(settings.control_config)
     ctl = AdmissionController(watcher.config, models=settings.models)
     sink = FaustEventSink(app)
-    tenants = app.Table("tenants", default=None, partitions=settings.tenant_partitions)
-    minute = app.Table("mu-minute", default=float, partitions=settings.tenant_partitions
-                       ).tumbling(60, expires=timedelta(minutes=10)).relative_to_now()
-    recent = app.Table("mu-10s", default=float, partitions=settings.tenant_partitions
-                       ).hopping(10, 5, expires=timedelta(minutes=2)).relative_to_now()
-    seen: dict[str, set[str]] = {}  # tenant -> models, for snapshots
+    ledger = Ledger(app.Table(TENANT_TABLE, default=None, partitions=settings.tenant_partitions))
+    seen: set[str] = set()  # tenants with usage, for snapshots
 
-    def state_of(tenant: str) -> TenantState | None:
-        raw = tenants.get(tenant)
-        return None if raw is None else TenantState.model_validate(raw)
+    async def decode_event(event: faust.EventT, adapter: TypeAdapter[_T], consumer: str
+                           ) -> _T | None:
+        msg = event.message
+        return await decode_or_dead_letter(
+            sink, adapter, raw=msg.value, key=msg.key, topic=msg.topic,
+            partition=msg.partition, offset=msg.offset, consumer=consumer)
 
     @app.agent(raw_topic(app, REQUESTS), name="tokenweir.admission")
     async def admission(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            msg = event.message
-            request = await decode_or_dead_letter(
-                sink, _REQUEST, raw=msg.value, key=msg.key, topic=msg.topic,
-                partition=msg.partition, offset=msg.offset, consumer="admission")
-            if request is None:
-                continue
-            decision = ctl.admit(state_of(request.tenant), request, msg.offset, time.time())
-            if isinstance(decision, (Admit, Reject)):
-                if decision.state is not None and not getattr(decision, "replay", False):
-                    tenants[request.tenant] = decision.state.model_dump()
-                await apply_admission(sink, request, decision)
+        async for events in batches(stream):
+            now = time.time()
+            for event in events:
+                request = await decode_event(event, _REQUEST, "admission")
+                if request is None:
+                    continue
+                msg = event.message
+                decision = ctl.admit(ledger.state(request.tenant),
+                                     ledger.reservation(request.request_id), request,
+                                     msg.offset, now)
+                if isinstance(decision, Admit):
+                    ledger.stage(msg.partition, request.tenant, decision.state,
+                                 request.request_id,
+                                 None if decision.replay else decision.reservation)
+                    await apply_admission(sink, request, decision)
+                elif isinstance(decision, Reject):
+                    ledger.stage(msg.partition, request.tenant, decision.state)
+                    await apply_admission(sink, request, decision)
+            ledger.commit(now)
 
     @app.agent(raw_topic(app, USAGE), name="tokenweir.metering")
     async def metering(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            msg = event.message
-            usage = await decode_or_dead_letter(
-                sink, _USAGE, raw=msg.value, key=msg.key, topic=msg.topic,
-                partition=msg.partition, offset=msg.offset, consumer="metering")
-            if usage is None:
-                continue
-            decision = ctl.settle(state_of(usage.tenant), usage, msg.offset, time.time())
-            if not isinstance(decision, Settle):
-                continue
-            tenants[usage.tenant] = decision.state.model_dump()
-            if not decision.duplicate:
-                key = f"{usage.tenant}/{usage.model}"
-                minute[key] += usage.model_units
-                recent[key] += usage.model_units
-                seen.setdefault(usage.tenant, set()).add(usage.model)
+        async for events in batches(stream):
+            now = time.time()
+            for event in events:
+                usage = await decode_event(event, _USAGE, "metering")
+                if usage is None:
+                    continue
+                msg = event.message
+                decision = ctl.settle(ledger.state(usage.tenant),
+                                      ledger.reservation(usage.request_id), usage, msg.offset,
+                                      now)
+                if isinstance(decision, Settle):
+                    ledger.stage(msg.partition, usage.tenant, decision.state, usage.request_id,
+                                 decision.reservation)
+                    seen.add(usage.tenant)
+            ledger.commit(now)
 
     @app.task
     async def heartbeats() -> None:
@@ -134,20 +231,25 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
 
     @app.timer(interval=2.0)
     async def publish_usage() -> None:
-        for tenant, models in list(seen.items()):
-            state, config = state_of(tenant), ctl.config.tenant(tenant)
-            if state is None or config is None:
-                continue
-            await sink.send(METERING, TenantUsage(
-                tenant=tenant, limit_mu_per_min=config.limit_mu_per_min,
-                burst_mu=config.burst_mu, reservation_mu_per_min=config.reservation_mu_per_min,
-                bucket_mu=state.tokens, charged_mu=state.charged_mu, actual_mu=state.actual_mu,
-                pending=len(state.pending), admitted=state.admitted, rejected=state.rejected,
-                mu_last_minute={m: minute[f"{tenant}/{m}"].now() for m in models},
-                mu_last_10s={m: recent[f"{tenant}/{m}"].now() for m in models},
-            ), key=tenant)
+        now = time.time()
+        for tenant in sorted(seen):
+            state, config = ledger.state(tenant), ctl.config.tenant(tenant)
+            if state is not None and config is not None:
+                await sink.send(METERING, snapshot(tenant, state, config, now), key=tenant)
 
     return ctl
+
+
+def snapshot(tenant: str, state: TenantState, config: TenantConfig, now: float) -> TenantUsage:
+    return TenantUsage(
+        tenant=tenant, limit_mu_per_min=config.limit_mu_per_min, burst_mu=config.burst_mu,
+        reservation_mu_per_min=config.reservation_mu_per_min, bucket_mu=state.tokens,
+        charged_mu=state.charged_mu, actual_mu=state.actual_mu, pending=state.pending,
+        admitted=state.admitted, rejected=state.rejected,
+        mu_last_minute={m: windows.tumbling_minute(state.metered, m, now)
+                        for m in state.metered},
+        mu_last_10s={m: windows.hopping_10s(state.metered, m, now) for m in state.metered},
+        at=now)
 
 
 async def follow_heartbeats(bootstrap: str, ctl: AdmissionController,

@@ -8,14 +8,16 @@ writes it to its table and produces the records it names.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from agents import windows
 from agents.auth import authenticate
 from agents.capacity import CapacityPool, PoolDecision
-from agents.estimator import CostEstimator, Estimate
-from agents.limiter import TenantState, TokenBucketLimiter
+from agents.estimator import CostEstimator
+from agents.limiter import Reservation, TenantState, TokenBucketLimiter
 from agents.router import Route, ShardRouter
 from schemas.events import InferenceRequest, Rejection, UsageEvent, WorkerHeartbeat
 from schemas.tenancy import ControlPlaneConfig
@@ -28,9 +30,9 @@ class Admit(BaseModel):
 
     action: Literal["admit"] = "admit"
     route: Route
-    estimate: Estimate
-    state: TenantState
-    replay: bool = False  # already charged before a restart: only re-send the route
+    reservation: Reservation  # write before the tenant's state
+    state: TenantState | None  # None: nothing to store (a replay, charged before a restart)
+    replay: bool = False
 
 
 class Reject(BaseModel):
@@ -53,6 +55,7 @@ class Settle(BaseModel):
 
     action: Literal["settle"] = "settle"
     state: TenantState
+    reservation: Reservation | None  # the settled reservation, None for a duplicate
     delta_mu: float  # charged (+) or refunded (−) on top of the reservation
     duplicate: bool = False
 
@@ -86,8 +89,9 @@ class AdmissionController:
             model_units=model_units),
             state=state)
 
-    def admit(self, state: TenantState | None, request: InferenceRequest, offset: int,
-              now: float) -> Admit | Reject | Skip:
+    def admit(self, state: TenantState | None, existing: Reservation | None,
+              request: InferenceRequest, offset: int, now: float) -> Admit | Reject | Skip:
+        """Decide on ``request`` (record ``offset``); ``existing``: its reservation, if any."""
         denied = authenticate(request, self.config)
         if denied is not None:
             return self._reject(request, "unauthenticated", denied, None)
@@ -95,12 +99,17 @@ class AdmissionController:
         if tenant is None:
             return self._reject(request, "unauthenticated", "unknown tenant", None)
         if state is not None and offset <= state.request_offset:
-            return self._replayed(state, request, now)
+            return self._replayed(existing, request, now)
+        state = self.limiter.refill(state or self.limiter.fresh(tenant, now), tenant, now)
+        state = state.model_copy(update={"request_offset": offset})
+        if existing is not None:
+            if existing.admit_offset != offset:
+                return self._reject(request, "invalid", "request id already admitted", state)
+            # Admitted before a crash that kept the reservation but not the tenant's state.
+            return self._route(state, existing, request, now, recharge=True)
         if request.model not in self.models:
             return self._reject(request, "unknown_model",
                                 f"model {request.model!r} is not served", state)
-        state = self.limiter.refill(state or self.limiter.fresh(tenant, now), tenant, now)
-        state = state.model_copy(update={"request_offset": offset})
         estimate = self.estimator.estimate(request, self.config.cost(request.model))
         mu = estimate.model_units
         limit = self.limiter.check(state, tenant, mu, now)
@@ -118,41 +127,57 @@ class AdmissionController:
         if not share.admitted:
             return self._reject(request, "over_capacity", share.reason, state,
                                 share.retry_after_s, mu)
-        route = self.router.route(request.model, request.session_key, now, mu)
+        reservation = Reservation(tenant=request.tenant, mu=mu, slot=math.floor(now),
+                                  admit_offset=offset)
+        decision = self._route(state, reservation, request, now, recharge=True)
+        if isinstance(decision, Admit):
+            self.pool.record(request.tenant, share, mu, now)
+        return decision
+
+    def _route(self, state: TenantState, reservation: Reservation, request: InferenceRequest,
+               now: float, *, recharge: bool) -> Admit | Reject:
+        route = self.router.route(request.model, request.session_key, now, reservation.mu)
         if route is None:
             return self._reject(request, "over_capacity",
                                 f"no healthy worker serves {request.model}", state,
-                                NO_SHARD_RETRY_S, mu)
-        self.pool.record(request.tenant, share, mu, now)
-        self.router.routed(request.request_id, route, mu)
-        state = self.limiter.charge(state, request.request_id, mu, now)
-        return Admit(route=route, estimate=estimate, state=state)
+                                NO_SHARD_RETRY_S, reservation.mu)
+        self.router.routed(request.request_id, route, reservation.mu)
+        if recharge:
+            state = self.limiter.charge(state, reservation.mu, reservation.slot)
+        return Admit(route=route, reservation=reservation, state=state)
 
-    def _replayed(self, state: TenantState, request: InferenceRequest, now: float
+    def _replayed(self, existing: Reservation | None, request: InferenceRequest, now: float
                   ) -> Admit | Skip:
-        """A request seen before a restart: charged already; resend its route if pending."""
-        found = state.pending.get(request.request_id)
-        if found is None:
+        """A request decided before a restart: charged already; resend its route if pending."""
+        if existing is None or existing.settled:
             return Skip(why="request already settled or rejected before a restart")
-        reserved = found[0]
-        route = self.router.route(request.model, request.session_key, now, reserved)
+        route = self.router.route(request.model, request.session_key, now, existing.mu)
         if route is None:
             return Skip(why="replayed request has no healthy shard yet; it stays pending")
-        estimate = Estimate(input_tokens=0, output_tokens=0, images=0, model_units=reserved)
-        return Admit(route=route, estimate=estimate, state=state, replay=True)
+        self.router.routed(request.request_id, route, existing.mu)
+        return Admit(route=route, reservation=existing, state=None, replay=True)
 
-    def settle(self, state: TenantState | None, usage: UsageEvent, offset: int, now: float
-               ) -> Settle | Skip:
+    def settle(self, state: TenantState | None, existing: Reservation | None, usage: UsageEvent,
+               offset: int, now: float) -> Settle | Skip:
+        """Reconcile ``usage`` (record ``offset``) with its reservation ``existing``."""
         self.router.completed(usage.request_id)
         if state is None:
             return Skip(why=f"usage for tenant {usage.tenant} with no admission state")
         if offset <= state.usage_offset:
             return Skip(why="usage already applied before a restart")
         state = state.model_copy(update={"usage_offset": offset})
-        settled = self.limiter.reconcile(state, self.config.tenant(usage.tenant),
-                                         usage.request_id, usage.model_units, now)
-        if settled is None:
+        if existing is None or (existing.settled and existing.settle_offset != offset):
+            # Settled by an earlier record (a redelivery), or settled and purged long ago.
             return Settle(state=state.model_copy(update={"duplicates": state.duplicates + 1}),
-                          delta_mu=0.0, duplicate=True)
+                          reservation=None, delta_mu=0.0, duplicate=True)
+        # Unsettled, or settled by this very record before a crash lost the tenant's
+        # state: either way the tenant's totals do not have it yet.
+        actual = usage.model_units
+        settled = self.limiter.reconcile(state, self.config.tenant(usage.tenant), existing,
+                                         actual, now)
+        settled = settled.model_copy(update={
+            "metered": windows.add(settled.metered, usage.model, now, actual)})
         self.estimator.observe(usage.tenant, usage.model, usage.output_tokens)
-        return Settle(state=settled, delta_mu=settled.charged_mu - state.charged_mu)
+        reservation = existing.model_copy(update={"actual_mu": actual, "settle_offset": offset,
+                                                  "settled_at": now})
+        return Settle(state=settled, reservation=reservation, delta_mu=actual - existing.mu)

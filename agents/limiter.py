@@ -31,27 +31,60 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.tenancy import TenantConfig
 
 WINDOW_S = 60
-NEVER_S = 3600.0  # retry-after for a request that can never fit the tenant's limits
+NEVER_S = 3600.0
+UMU = 1_000_000  # µMU per MU  # retry-after for a request that can never fit the tenant's limits
 
 
 class TenantState(BaseModel):
-    """One tenant's durable state (a Faust table value keyed by tenant)."""
+    """One tenant's durable state (a Faust table value keyed by tenant). Small: O(1) fields
+    plus at most 61 window slots, so writing it on every event stays cheap."""
 
     model_config = ConfigDict(extra="forbid")
 
     tokens: float  # MU in the bucket; negative is debt
     updated_at: float  # epoch s of the last refill
-    charged_mu: float = 0.0  # Σ reservations + reconciliation deltas
-    actual_mu: float = 0.0  # Σ actual MU reported by workers
-    # request id -> (MU reserved, epoch second it was charged in), awaiting its usage event
-    pending: dict[str, tuple[float, int]] = {}
+    actual_mu: float = 0.0  # Σ actual MU reported by workers for settled requests
+    pending: Annotated[int, Field(ge=0)] = 0  # requests admitted, usage not yet settled
+    # Σ MU reserved by pending requests, in µMU: an integer, so that it returns to
+    # exactly 0 when everything is settled and charged == actual holds to the bit.
+    reserved_umu: int = 0
     window: dict[int, float] = {}  # epoch second -> MU charged in it (last 61 s only)
+    metered: dict[str, dict[int, float]] = {}  # model -> 5 s bucket -> actual MU (agents.windows)
     admitted: Annotated[int, Field(ge=0)] = 0
     rejected: Annotated[int, Field(ge=0)] = 0
     duplicates: Annotated[int, Field(ge=0)] = 0  # redelivered usage events ignored
     # Highest offsets applied: a record replayed after a crash is not applied twice.
     request_offset: int = -1
     usage_offset: int = -1
+
+    @property
+    def charged_mu(self) -> float:
+        """What the tenant is charged: actual MU once settled, the reservation until then."""
+        return self.actual_mu + self.reserved_umu / UMU
+
+
+def umu(mu: float) -> int:
+    return round(mu * UMU)
+
+
+class Reservation(BaseModel):
+    """One admitted request's charge (a table value keyed by request id, written in the
+    tenant's partition *before* the tenant's state, so that a crash leaves either both,
+    or the reservation alone, which the replayed record then completes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str
+    mu: float  # MU reserved at admission
+    slot: int  # epoch second the reservation was charged in
+    admit_offset: int  # offset of the admitting request record
+    actual_mu: float | None = None  # MU the worker reported, once settled
+    settle_offset: int | None = None  # offset of the settling usage record
+    settled_at: float | None = None  # epoch s
+
+    @property
+    def settled(self) -> bool:
+        return self.settle_offset is not None
 
 
 class LimitDecision(BaseModel):
@@ -112,39 +145,33 @@ class TokenBucketLimiter:
                 return max(0.0, slot + WINDOW_S + 1 - now)
         return 0.0
 
-    def charge(self, state: TenantState, request_id: str, cost_mu: float, now: float
-               ) -> TenantState:
+    def charge(self, state: TenantState, cost_mu: float, slot: int) -> TenantState:
         return state.model_copy(update={
             "tokens": state.tokens - cost_mu,
-            "charged_mu": state.charged_mu + cost_mu,
-            "pending": {**state.pending, request_id: (cost_mu, math.floor(now))},
-            "window": _add(state.window, math.floor(now), cost_mu),
+            "reserved_umu": state.reserved_umu + umu(cost_mu),
+            "pending": state.pending + 1,
+            "window": _add(state.window, slot, cost_mu),
             "admitted": state.admitted + 1,
         })
 
-    def reconcile(self, state: TenantState, config: TenantConfig | None, request_id: str,
-                  actual_mu: float, now: float) -> TenantState | None:
-        """Settle a reservation with actual usage; None if already settled (a duplicate)."""
-        found = state.pending.get(request_id)
-        if found is None:
-            return None
-        reserved, slot = found
-        pending = dict(state.pending)
-        del pending[request_id]
-        delta = actual_mu - reserved
-        # The difference belongs to the second the request was admitted in, so the
-        # window counts actual MU by admission time. Once that second has left the
-        # window, a refund has nothing left to lower and a charge lands now.
-        if slot < _first_slot(now):
-            slot = math.floor(now) if delta > 0 else -1
+    def reconcile(self, state: TenantState, config: TenantConfig | None,
+                  reservation: Reservation, actual_mu: float, now: float) -> TenantState:
+        """Settle a reservation with the actual usage: refund or charge the difference."""
+        delta = actual_mu - reservation.mu
         tokens = state.tokens - delta
         if config is not None:
             tokens = min(config.burst_mu, tokens)
+        # The difference belongs to the second the request was admitted in, so the
+        # window counts actual MU by admission time. Once that second has left the
+        # window, a refund has nothing left to lower and a charge lands now.
+        slot = reservation.slot
+        if slot < _first_slot(now):
+            slot = math.floor(now) if delta > 0 else -1
         return state.model_copy(update={
             "tokens": tokens,
-            "charged_mu": state.charged_mu + delta,
+            "reserved_umu": state.reserved_umu - umu(reservation.mu),
             "actual_mu": state.actual_mu + actual_mu,
-            "pending": pending,
+            "pending": max(0, state.pending - 1),
             "window": state.window if slot < 0 else _add(state.window, slot, delta),
         })
 

@@ -162,16 +162,18 @@ def agent(names: tuple[str, ...], loglevel: str) -> None:
 @click.option("--model", required=True)
 @click.option("--engine", type=click.Choice(ENGINE_NAMES), default="echo")
 @click.option("--worker-id", default=None)
-def worker(model: str, engine: str, worker_id: str | None) -> None:
+@click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="transformers: the Hugging Face model directory to serve.")
+def worker(model: str, engine: str, worker_id: str | None, model_dir: Path | None) -> None:
     """Serve one model's shards with an engine until SIGTERM (then drain)."""
     settings = _settings()
     if model not in settings.models:
         raise click.ClickException(f"model {model!r} is not configured: {settings.models}")
-    _run(_serve(settings, model, engine, worker_id))
+    _run(_serve(settings, model, engine, worker_id, model_dir))
 
 
-async def _serve(settings: Settings, model: str, engine_name: str, worker_id: str | None
-                 ) -> None:
+async def _serve(settings: Settings, model: str, engine_name: str, worker_id: str | None,
+                 model_dir: Path | None = None) -> None:
     from schemas.cost import CostModel
     from schemas.tenancy import load_config
     from streams.sink import KafkaEventSink
@@ -186,7 +188,11 @@ async def _serve(settings: Settings, model: str, engine_name: str, worker_id: st
     config = load_config(settings.control_config) if settings.control_config else None
     cost = config.cost(model) if config else CostModel()
     try:
-        engine = make_engine(engine_name, model=model, cost=cost)
+        engine = make_engine(engine_name, model=model, cost=cost, model_dir=model_dir)
+        # Load weights before joining the group: a bad model fails here, not on traffic.
+        if not await engine.health():
+            await engine.close()
+            raise InfraError(f"engine {engine_name} for {model} is not healthy after start")
     except WorkersError as exc:
         raise InfraError(str(exc)) from exc
     sink = KafkaEventSink(settings.bootstrap, client_id=f"worker-{model}")
@@ -215,8 +221,11 @@ async def _serve(settings: Settings, model: str, engine_name: str, worker_id: st
 @click.option("--time-scale", type=float, default=0.1, show_default=True,
               help="sim: wall seconds per simulated second.")
 @click.option("--seed", type=int, default=0)
+@click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="transformers: the Hugging Face model directory to time.")
 def calibrate(engine_name: str, model: str, write_path: Path | None, inputs: str, outputs: str,
-              images: str, n_requests: int, max_batch: int, time_scale: float, seed: int) -> None:
+              images: str, n_requests: int, max_batch: int, time_scale: float, seed: int,
+              model_dir: Path | None) -> None:
     """Fit a model's α, β (γ with --images) and capacity C by driving an engine at saturation."""
     from schemas.cost import CostModel
     from workers import WorkersError
@@ -245,7 +254,8 @@ def calibrate(engine_name: str, model: str, write_path: Path | None, inputs: str
              f"{n_requests} timed requests each, {grid.concurrency} in flight")
         result = asyncio.run(run_calibration(
             engine_name, model=model, grid=grid, anchor=anchor, seed=seed, max_batch=max_batch,
-            time_scale=time_scale, on_point=lambda m: _say(format_point(m))))
+            time_scale=time_scale, model_dir=model_dir,
+            on_point=lambda m: _say(format_point(m))))
         _say(format_report(result))
         if write_path is None:
             _say("\n" + toml_entry(model, result.cost_model()).rstrip())
@@ -254,6 +264,34 @@ def calibrate(engine_name: str, model: str, write_path: Path | None, inputs: str
             _say(f"wrote [models.{model}] to {write_path}")
     except (WorkersError, ValidationError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.group()
+def model() -> None:
+    """Local model directories for the transformers engine."""
+
+
+@model.command("make-tiny")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the random weights.")
+@click.option("--vocab-size", type=int, default=1024, show_default=True)
+@click.option("--hidden-size", type=int, default=64, show_default=True)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace what DIRECTORY holds.")
+def model_make_tiny(directory: Path, seed: int, vocab_size: int, hidden_size: int, layers: int,
+                    overwrite: bool) -> None:
+    """Build a tiny Llama-style model (random weights, locally trained tokenizer) in DIRECTORY."""
+    from workers import WorkersError
+    from workers.tinymodel import TinyModelSpec, make_tiny_model
+
+    try:
+        spec = TinyModelSpec(seed=seed, vocab_size=vocab_size, hidden_size=hidden_size,
+                             num_layers=layers)
+        built = make_tiny_model(directory, spec, overwrite=overwrite)
+    except (WorkersError, ValidationError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    _say(f"wrote {built.directory}: {built.parameters} parameters, vocabulary of "
+         f"{built.vocab_size} tokens ({', '.join(built.files)})")
 
 
 @main.command()

@@ -25,7 +25,7 @@ from schemas.events import (
 )
 from streams.codec import decode
 from streams.sink import KafkaEventSink
-from streams.topics import HEARTBEATS, USAGE, shard_topic
+from streams.topics import HEARTBEATS, RESERVED_MU_HEADER, USAGE, shard_topic
 
 _REQUEST: TypeAdapter[InferenceRequest] = TypeAdapter(InferenceRequest)
 
@@ -43,6 +43,7 @@ class TraceFleet:
         self._sink = KafkaEventSink(bootstrap, client_id="trace-fleet")
         self.admitted_at: dict[str, float] = {}  # request id -> epoch s first routed
         self.shard_of: dict[str, int] = {}
+        self.reserved_mu: dict[str, float] = {}  # request id -> MU admission reserved
         self.redelivered = 0
 
     def _owners(self) -> list[list[int]]:
@@ -63,8 +64,10 @@ class TraceFleet:
                 for record in records:
                     # The record's timestamp is when the admission agent produced it:
                     # the admission time that per-minute limits are checked against.
+                    reserved = dict(record.headers or []).get(RESERVED_MU_HEADER)
                     await self._serve(decode(record.value, _REQUEST), record.partition,
-                                      record.timestamp / 1000.0)
+                                      record.timestamp / 1000.0,
+                                      float(reserved) if reserved else None)
                 if records:
                     await self._sink.flush()
                     await consumer.commit()
@@ -75,11 +78,14 @@ class TraceFleet:
             await consumer.stop()
             await self._sink.stop()
 
-    async def _serve(self, request: InferenceRequest, shard: int, admitted_at: float) -> None:
+    async def _serve(self, request: InferenceRequest, shard: int, admitted_at: float,
+                     reserved_mu: float | None) -> None:
         if request.request_id in self.admitted_at:
             self.redelivered += 1
         else:
             self.admitted_at[request.request_id] = admitted_at
+            if reserved_mu is not None:
+                self.reserved_mu[request.request_id] = reserved_mu
             self.shard_of[request.request_id] = shard
         output = self._outputs.get(request.request_id, 1)
         inputs = -(-len(request.prompt_text()) // 4)

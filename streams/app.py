@@ -6,7 +6,7 @@ import faust
 from pydantic import BaseModel
 
 from schemas.config import Settings
-from streams.sink import _bytes
+from streams.sink import Headers, _bytes
 
 
 def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
@@ -46,11 +46,13 @@ class FaustEventSink:
         *,
         key: str | bytes | None = None,
         partition: int | None = None,
+        headers: Headers | None = None,
     ) -> None:
         channel = self._topics.get(topic)
         if channel is None:
             channel = self._topics[topic] = raw_topic(self._app, topic)
-        await channel.send(key=_bytes(key), value=_bytes(value), partition=partition)
+        await channel.send(key=_bytes(key), value=_bytes(value), partition=partition,
+                           headers=headers)
 
     async def flush(self) -> None:
         await self._app.producer.flush()

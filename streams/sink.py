@@ -18,6 +18,8 @@ from pydantic import BaseModel
 from streams import StreamsError
 from streams.codec import encode
 
+Headers = list[tuple[str, bytes]]  # Kafka record headers
+
 
 class ProduceError(StreamsError):
     """The broker did not accept a record."""
@@ -39,6 +41,7 @@ class EventSink(Protocol):
         *,
         key: str | bytes | None = None,
         partition: int | None = None,
+        headers: Headers | None = None,
     ) -> None: ...
 
     async def flush(self) -> None: ...
@@ -74,10 +77,11 @@ class KafkaEventSink:
         *,
         key: str | bytes | None = None,
         partition: int | None = None,
+        headers: Headers | None = None,
     ) -> None:
         try:
             fut = await self._producer.send(
-                topic, _bytes(value), key=_bytes(key), partition=partition
+                topic, _bytes(value), key=_bytes(key), partition=partition, headers=headers
             )
         except KafkaError as exc:
             raise ProduceError(f"send to {topic}: {exc}") from exc
@@ -100,6 +104,7 @@ class SentRecord:
     value: bytes
     key: bytes | None
     partition: int | None
+    headers: Headers
 
 
 class MemoryEventSink:
@@ -116,10 +121,11 @@ class MemoryEventSink:
         *,
         key: str | bytes | None = None,
         partition: int | None = None,
+        headers: Headers | None = None,
     ) -> None:
         data = _bytes(value)
         assert data is not None  # narrows for mypy; value is never None here
-        self.records.append(SentRecord(topic, data, _bytes(key), partition))
+        self.records.append(SentRecord(topic, data, _bytes(key), partition, headers or []))
 
     async def flush(self) -> None:
         self.flushed = len(self.records)

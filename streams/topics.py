@@ -23,8 +23,11 @@ HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 
 
-# Faust tables of the admission app, co-partitioned with tw.requests / tw.usage.
-TENANT_TABLES = ("tenants", "mu-minute", "mu-10s")
+# Header on routed requests: the MU admission reserved for the request.
+RESERVED_MU_HEADER = "tw-reserved-mu"
+
+# The admission app's Faust table, co-partitioned with tw.requests / tw.usage.
+TENANT_TABLE = "tenants"
 
 
 def shard_topic(model: str) -> str:
@@ -81,11 +84,9 @@ def registry(settings: Settings) -> list[TopicSpec]:
     ]
     # Faust table changelogs, created here with the source topics' partition count
     # (Faust requires co-partitioning and races its own creation on a fresh broker).
-    topics += [
-        TopicSpec(name=changelog_topic(settings.app_id, table), partitions=tenants,
-                  key="table key", compacted=True, value=f"table {table}")
-        for table in TENANT_TABLES
-    ]
+    topics.append(TopicSpec(name=changelog_topic(settings.app_id, TENANT_TABLE),
+                            partitions=tenants, key="t/<tenant> or r/<request id>",
+                            compacted=True, value="TenantState | Reservation"))
     topics += [
         TopicSpec(name=shard_topic(model), partitions=settings.shard_partitions,
                   key="session or request id (partition chosen by the router)",

@@ -1,10 +1,12 @@
+import math
+
 import pytest
 
 from agents.auth import authenticate
 from agents.capacity import CapacityPool, SlidingSum
 from agents.control import AdmissionController, Admit, Reject, Settle, Skip
 from agents.estimator import CostEstimator, StreamingQuantile
-from agents.limiter import TokenBucketLimiter
+from agents.limiter import Reservation, TokenBucketLimiter
 from agents.router import ShardRouter
 from schemas.cost import CostModel
 from schemas.signing import sign
@@ -75,40 +77,46 @@ def test_cost_model_discounts_cached_input():
 
 
 # -- limiter --------------------------------------------------------------------
+def reserve(limiter, state, mu, now, offset=0):
+    """Charge ``mu`` at ``now``; the reservation the agent would store with it."""
+    reservation = Reservation(tenant="acme", mu=mu, slot=math.floor(now), admit_offset=offset)
+    return limiter.charge(state, mu, reservation.slot), reservation
+
+
 def test_limiter_burst_then_refill_at_rate():
     limiter, tenant = TokenBucketLimiter(), make_tenant(limit_mu_per_min=60.0, burst_mu=10.0)
     state = limiter.fresh(tenant, NOW)
-    for i in range(10):
+    for _ in range(10):
         assert limiter.check(state, tenant, 1.0, NOW).admitted
-        state = limiter.charge(state, f"r{i}", 1.0, NOW)
+        state, _ = reserve(limiter, state, 1.0, NOW)
     over = limiter.check(state, tenant, 1.0, NOW)
     assert not over.admitted and over.retry_after_s == pytest.approx(1.0)
     state = limiter.refill(state, tenant, NOW + 2.0)
     assert state.tokens == pytest.approx(2.0)
 
 
-def test_limiter_reconcile_refunds_charges_and_ignores_duplicates():
+def test_limiter_reconcile_refunds_overestimate():
     limiter, tenant = TokenBucketLimiter(), make_tenant()
-    state = limiter.charge(limiter.fresh(tenant, NOW), "r1", 4.0, NOW)
-    settled = limiter.reconcile(state, tenant, "r1", 1.5, NOW)
-    assert settled is not None
-    assert (settled.charged_mu, settled.actual_mu, settled.tokens) == (1.5, 1.5, 8.5)
-    assert limiter.reconcile(settled, tenant, "r1", 1.5, NOW) is None
+    state, reservation = reserve(limiter, limiter.fresh(tenant, NOW), 4.0, NOW)
+    settled = limiter.reconcile(state, tenant, reservation, 1.5, NOW)
+    assert (settled.charged_mu, settled.actual_mu, settled.tokens, settled.pending) == (
+        1.5, 1.5, 8.5, 0)
+    assert settled.window == {int(NOW): 1.5}
 
 
 def test_limiter_refund_never_fills_bucket_above_burst():
     limiter, tenant = TokenBucketLimiter(), make_tenant(burst_mu=10.0)
-    state = limiter.charge(limiter.fresh(tenant, NOW), "r1", 4.0, NOW)
+    state, reservation = reserve(limiter, limiter.fresh(tenant, NOW), 4.0, NOW)
     state = limiter.refill(state, tenant, NOW + 60)  # refilled to the burst meanwhile
-    settled = limiter.reconcile(state, tenant, "r1", 0.0, NOW + 60)
-    assert settled is not None and settled.tokens == 10.0 and settled.charged_mu == 0.0
+    settled = limiter.reconcile(state, tenant, reservation, 0.0, NOW + 60)
+    assert settled.tokens == 10.0 and settled.charged_mu == 0.0
 
 
 def test_limiter_underestimate_becomes_debt_that_delays_next_admission():
     limiter, tenant = TokenBucketLimiter(), make_tenant(limit_mu_per_min=60.0, burst_mu=10.0)
-    state = limiter.charge(limiter.fresh(tenant, NOW), "r1", 2.0, NOW)
-    state = limiter.reconcile(state, tenant, "r1", 14.0, NOW)
-    assert state is not None and state.tokens == pytest.approx(-4.0)
+    state, reservation = reserve(limiter, limiter.fresh(tenant, NOW), 2.0, NOW)
+    state = limiter.reconcile(state, tenant, reservation, 14.0, NOW)
+    assert state.tokens == pytest.approx(-4.0)
     over = limiter.check(state, tenant, 1.0, NOW)
     assert not over.admitted and over.retry_after_s == pytest.approx(5.0)
 
@@ -124,8 +132,8 @@ def test_limiter_provisioned_flood_never_exceeds_limit_plus_burst_per_minute(ref
         now = NOW + i / 10
         state = limiter.refill(state, tenant, now)
         if limiter.check(state, tenant, 1.0, now).admitted:
-            state = limiter.charge(state, f"r{i}", 1.0, now)
-            state = limiter.reconcile(state, tenant, f"r{i}", 1.0 - refund, now)
+            state, reservation = reserve(limiter, state, 1.0, now)
+            state = limiter.reconcile(state, tenant, reservation, 1.0 - refund, now)
             admitted_at.append((now, 1.0 - refund))
     worst = max(sum(mu for t, mu in admitted_at if start <= t < start + 60)
                 for start in (NOW + k / 10 for k in range(1200)))
@@ -138,11 +146,11 @@ def test_limiter_reservation_admits_beyond_empty_bucket_up_to_reservation():
                          reservation_mu_per_min=30.0)
     state = limiter.fresh(tenant, NOW)
     paths = []
-    for i in range(40):
+    for _ in range(40):
         decision = limiter.check(state, tenant, 1.0, NOW)
         paths.append(decision.path)
         if decision.admitted:
-            state = limiter.charge(state, f"r{i}", 1.0, NOW)
+            state, _ = reserve(limiter, state, 1.0, NOW)
     assert paths.count("reservation") == 30 and paths[30:] == ["rejected"] * 10
 
 
@@ -249,27 +257,70 @@ def controller(**config_overrides):
 
 def test_controller_admits_charges_and_settles_exactly():
     ctl = controller()
-    admit = ctl.admit(None, make_request(request_id="r1", max_tokens=100), 0, NOW)
-    assert isinstance(admit, Admit)
-    assert admit.state.pending == {"r1": (admit.estimate.model_units, 1000)}
-    settle = ctl.settle(admit.state, make_usage(request_id="r1", model_units=0.42), 0, NOW)
-    assert isinstance(settle, Settle)
+    admit = ctl.admit(None, None, make_request(request_id="r1", max_tokens=100), 0, NOW)
+    assert isinstance(admit, Admit) and admit.state is not None and admit.state.pending == 1
+    assert admit.reservation.admit_offset == 0 and not admit.reservation.settled
+    settle = ctl.settle(admit.state, admit.reservation,
+                        make_usage(request_id="r1", model_units=0.42), 0, NOW)
+    assert isinstance(settle, Settle) and settle.reservation is not None
     assert settle.state.charged_mu == pytest.approx(settle.state.actual_mu) == 0.42
-    again = ctl.settle(settle.state, make_usage(request_id="r1", model_units=0.42), 1, NOW)
-    assert isinstance(again, Settle) and again.duplicate
-    assert again.state.charged_mu == pytest.approx(0.42)
+    assert settle.reservation.settle_offset == 0 and settle.state.pending == 0
+    again = ctl.settle(settle.state, settle.reservation,
+                       make_usage(request_id="r1", model_units=0.42), 1, NOW)
+    assert isinstance(again, Settle) and again.duplicate and again.reservation is None
+    assert again.state.charged_mu == pytest.approx(0.42) and again.state.duplicates == 1
 
 
 def test_controller_replayed_offsets_are_not_applied_twice():
     ctl = controller()
-    admit = ctl.admit(None, make_request(request_id="r1"), 5, NOW)
-    assert isinstance(admit, Admit)
-    replay = ctl.admit(admit.state, make_request(request_id="r1"), 5, NOW)
-    assert isinstance(replay, Admit) and replay.replay and replay.state == admit.state
-    settled = ctl.settle(admit.state, make_usage(request_id="r1"), 3, NOW)
+    admit = ctl.admit(None, None, make_request(request_id="r1"), 5, NOW)
+    assert isinstance(admit, Admit) and admit.state is not None
+    replay = ctl.admit(admit.state, admit.reservation, make_request(request_id="r1"), 5, NOW)
+    assert isinstance(replay, Admit) and replay.replay and replay.state is None
+    settled = ctl.settle(admit.state, admit.reservation, make_usage(request_id="r1"), 3, NOW)
     assert isinstance(settled, Settle)
-    assert isinstance(ctl.settle(settled.state, make_usage(request_id="r1"), 3, NOW), Skip)
-    assert isinstance(ctl.admit(settled.state, make_request(request_id="r1"), 5, NOW), Skip)
+    assert isinstance(ctl.settle(settled.state, settled.reservation,
+                                 make_usage(request_id="r1"), 3, NOW), Skip)
+    assert isinstance(ctl.admit(settled.state, settled.reservation,
+                                make_request(request_id="r1"), 5, NOW), Skip)
+
+
+def test_controller_crash_kept_reservation_not_state_recharges_once():
+    ctl = controller()
+    before = ctl.admit(None, None, make_request(request_id="r0"), 4, NOW)
+    assert isinstance(before, Admit) and before.state is not None
+    lost = ctl.admit(before.state, None, make_request(request_id="r1"), 5, NOW)
+    assert isinstance(lost, Admit) and lost.state is not None
+    # Only the reservation of r1 reached the changelog: the state is still `before`'s.
+    again = ctl.admit(before.state, lost.reservation, make_request(request_id="r1"), 5, NOW)
+    assert isinstance(again, Admit) and not again.replay and again.state is not None
+    assert again.state.charged_mu == pytest.approx(lost.state.charged_mu)
+    assert again.state.pending == 2
+
+
+def test_controller_crash_kept_settled_reservation_not_state_applies_once():
+    ctl = controller()
+    admit = ctl.admit(None, None, make_request(request_id="r1"), 0, NOW)
+    assert isinstance(admit, Admit) and admit.state is not None
+    usage = make_usage(request_id="r1", model_units=0.3)
+    first = ctl.settle(admit.state, admit.reservation, usage, 7, NOW)
+    assert isinstance(first, Settle) and first.reservation is not None
+    # The settled reservation survived, the state did not: the same record applies it.
+    redo = ctl.settle(admit.state, first.reservation, usage, 7, NOW)
+    assert isinstance(redo, Settle) and not redo.duplicate
+    assert redo.state.charged_mu == pytest.approx(first.state.charged_mu) == 0.3
+    # A redelivery (another record) of the same usage is a duplicate.
+    dup = ctl.settle(redo.state, first.reservation, usage, 9, NOW)
+    assert isinstance(dup, Settle) and dup.duplicate
+    assert dup.state.charged_mu == dup.state.actual_mu == 0.3  # exactly: nothing pending
+
+
+def test_controller_second_admission_of_same_request_id_rejected():
+    ctl = controller()
+    admit = ctl.admit(None, None, make_request(request_id="r1"), 0, NOW)
+    assert isinstance(admit, Admit) and admit.state is not None
+    twice = ctl.admit(admit.state, admit.reservation, make_request(request_id="r1"), 1, NOW)
+    assert isinstance(twice, Reject) and twice.rejection.reason == "invalid"
 
 
 def test_controller_over_limit_rejects_with_retry_after():
@@ -277,21 +328,22 @@ def test_controller_over_limit_rejects_with_retry_after():
     state = None
     outcomes = []
     for i in range(20):
-        d = ctl.admit(state, make_request(request_id=f"r{i}", max_tokens=10), i, NOW)
+        d = ctl.admit(state, None, make_request(request_id=f"r{i}", max_tokens=10), i, NOW)
         state = d.state if not isinstance(d, Skip) else state
         outcomes.append(d)
     rejected = [d for d in outcomes if isinstance(d, Reject)]
     assert rejected and all(r.rejection.reason == "rate_limited" for r in rejected)
     assert all(r.rejection.retry_after_s and r.rejection.retry_after_s > 0 for r in rejected)
+    assert all(r.rejection.model_units == pytest.approx(0.105) for r in rejected)
 
 
 def test_controller_no_healthy_worker_rejects_over_capacity():
     ctl = AdmissionController(make_config(), models=["tiny-llama"])
-    d = ctl.admit(None, make_request(), 0, NOW)
+    d = ctl.admit(None, None, make_request(), 0, NOW)
     assert isinstance(d, Reject) and d.rejection.reason == "over_capacity"
 
 
 def test_controller_unknown_tenant_without_default_is_rejected():
     ctl = controller(default_tenant=None)
-    d = ctl.admit(None, make_request(tenant="stranger"), 0, NOW)
+    d = ctl.admit(None, None, make_request(tenant="stranger"), 0, NOW)
     assert isinstance(d, Reject) and d.rejection.reason == "unauthenticated"
