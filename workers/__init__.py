@@ -11,3 +11,7 @@ class EngineError(WorkersError):
 
 class CalibrationError(WorkersError):
     """A calibration that cannot give a cost model (degenerate grid, unusable fit)."""
+
+
+class ModelBuildError(WorkersError):
+    """A model directory that cannot be built (``tokenweir model make-tiny``)."""

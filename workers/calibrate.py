@@ -357,11 +357,11 @@ async def calibrate(engine: Engine, grid: CalibrationGrid, *, model: str, anchor
 
 async def run_calibration(engine_name: str, *, model: str, grid: CalibrationGrid,
                           anchor: CostModel, seed: int = 0, max_batch: int = 64,
-                          time_scale: float = 1.0,
+                          time_scale: float = 1.0, model_dir: Path | None = None,
                           on_point: Callable[[Measurement], None] | None = None) -> Calibration:
     """Build engine ``engine_name`` (the simulated one runs on ``anchor``) and calibrate it."""
     engine = make_engine(engine_name, model=model, cost=anchor, seed=seed, max_batch=max_batch,
-                         time_scale=time_scale)
+                         time_scale=time_scale, model_dir=model_dir)
     try:
         return await calibrate(engine, grid, model=model, anchor=anchor, on_point=on_point)
     finally:

@@ -1,24 +1,26 @@
 """Engines behind one async interface; see :class:`workers.engines.base.Engine`.
 
 :func:`make_engine` is the one place an engine is built by name, for the
-``worker`` and ``calibrate`` commands alike; the transformers and vLLM
-engines join here.
+``worker`` and ``calibrate`` commands alike; the vLLM engine joins here.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from schemas.cost import CostModel
 from workers import EngineError
 from workers.engines.base import Engine
 
-ENGINE_NAMES: tuple[str, ...] = ("echo", "sim")
+ENGINE_NAMES: tuple[str, ...] = ("echo", "sim", "transformers")
 
 
 def make_engine(name: str, *, model: str, cost: CostModel, seed: int = 0, max_batch: int = 64,
-                time_scale: float = 1.0) -> Engine:
+                time_scale: float = 1.0, model_dir: Path | None = None) -> Engine:
     """Build engine ``name`` to serve ``model``; ``cost`` drives the simulated engine's speed.
 
-    ``seed``, ``max_batch`` and ``time_scale`` apply to the engines that have them.
+    ``seed``, ``max_batch`` and ``time_scale`` apply to the engines that have them;
+    ``model_dir`` (a Hugging Face model directory) is what the transformers engine runs.
     """
     # Imported here: real engines pull in torch or vLLM, which only their hosts have.
     if name == "echo":
@@ -29,4 +31,10 @@ def make_engine(name: str, *, model: str, cost: CostModel, seed: int = 0, max_ba
         from workers.engines.sim import SimEngine
 
         return SimEngine(cost, seed=seed, max_batch=max_batch, time_scale=time_scale)
+    if name == "transformers":
+        from workers.engines.hf import TransformersEngine
+
+        if model_dir is None:
+            raise EngineError("the transformers engine needs a model directory (--model-dir)")
+        return TransformersEngine(model_dir, max_batch=max_batch, seed=seed)
     raise EngineError(f"unknown engine {name!r}; known: {', '.join(ENGINE_NAMES)}")

@@ -1,4 +1,4 @@
-"""The one async interface every engine implements (echo, sim; transformers and vLLM next).
+"""The one async interface every engine implements (echo, sim, transformers; vLLM next).
 
 Priorities follow vLLM's priority scheduling: an integer, lower is more
 urgent, ties served in arrival order. Health probes use
