@@ -12,14 +12,11 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TypeVar, cast
 
 import faust
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from faust.streams import Stream
-from faust.types import TableT
 from pydantic import BaseModel, TypeAdapter
 
 from agents import windows
@@ -30,7 +27,7 @@ from schemas.errors import ConfigError
 from schemas.events import InferenceRequest, TenantUsage, UsageEvent, WorkerHeartbeat
 from schemas.tenancy import ControlPlaneConfig, TenantConfig, load_config
 from streams import DecodeError
-from streams.app import FaustEventSink, raw_topic
+from streams.app import FaustEventSink, consume_in_batches, raw_topic
 from streams.codec import decode
 from streams.deadletter import decode_or_dead_letter
 from streams.sink import EventSink
@@ -39,10 +36,6 @@ from streams.topics import HEARTBEATS, METERING, REQUESTS, RESERVED_MU_HEADER, T
 log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
 _T = TypeVar("_T")
-# Records handled per batch, and how long a batch waits to fill (it adds that much
-# latency at most, and saves one tenant-state write per extra record of a tenant).
-BATCH_MAX = 500
-BATCH_WITHIN_S = 0.002
 _REQUEST: TypeAdapter[InferenceRequest] = TypeAdapter(InferenceRequest)
 _USAGE: TypeAdapter[UsageEvent] = TypeAdapter(UsageEvent)
 _BEAT: TypeAdapter[WorkerHeartbeat] = TypeAdapter(WorkerHeartbeat)
@@ -102,8 +95,10 @@ class Ledger:
 
     RETAIN_SETTLED_S = 600.0  # how long a settled reservation is kept to spot redeliveries
 
-    def __init__(self, table: TableT) -> None:
+    def __init__(self, table: faust.Table, sink: FaustEventSink) -> None:
         self.table = table
+        self._sink = sink
+        self._changelog = table.changelog_topic
         self._cache: dict[str, tuple[object, BaseModel]] = {}
         self._dirty: dict[str, tuple[int, TenantState]] = {}  # tenant -> partition, state
         self._settled: dict[str, collections.deque[tuple[float, str]]] = {}  # tenant -> keys
@@ -119,16 +114,21 @@ class Ledger:
         self._cache[key] = (raw, value)
         return value
 
-    def _put(self, partition: int, key: str, value: BaseModel | None) -> None:
-        if value is None:
+    async def _put(self, partition: int, key: str, value: BaseModel | None) -> None:
+        # Serialized as Faust would (its recovery reads these records back), but sent
+        # through the sink: the agent checks acknowledgements at the end of each batch.
+        raw = None if value is None else value.model_dump()
+        key_bytes, _ = self._changelog.prepare_key(key, self.table.key_serializer)
+        if raw is None:
             self._cache.pop(key, None)
             self.table.data.pop(key, None)
-            self.table.send_changelog(partition, key, None, value_serializer="raw")
-            return
-        raw = value.model_dump()
-        self.table.data[key] = raw
-        self._cache[key] = (raw, value)
-        self.table.send_changelog(partition, key, raw)
+            value_bytes = None
+        else:
+            self.table.data[key] = raw
+            self._cache[key] = (raw, value)  # type: ignore[assignment]
+            value_bytes, _ = self._changelog.prepare_value(raw, self.table.value_serializer)
+        await self._sink.send(self._changelog.get_topic_name(), value_bytes, key=key_bytes,
+                              partition=partition)
 
     def state(self, tenant: str) -> TenantState | None:
         dirty = self._dirty.get(tenant)
@@ -137,38 +137,36 @@ class Ledger:
     def reservation(self, request_id: str) -> Reservation | None:
         return self._get(f"r/{request_id}", Reservation)
 
-    def stage(self, partition: int, tenant: str, state: TenantState | None,
-              request_id: str | None = None, reservation: Reservation | None = None) -> None:
+    async def stage(self, partition: int, tenant: str, state: TenantState | None,
+                    request_id: str | None = None, reservation: Reservation | None = None
+                    ) -> None:
         if reservation is not None and request_id is not None:
-            self._put(partition, f"r/{request_id}", reservation)
+            await self._put(partition, f"r/{request_id}", reservation)
             if reservation.settled_at is not None:
                 self._settled.setdefault(tenant, collections.deque()).append(
                     (reservation.settled_at, f"r/{request_id}"))
         if state is not None:
             self._dirty[tenant] = (partition, state)
 
-    def commit(self, now: float) -> None:
-        """Write the batch's tenant states, then purge a few long-settled reservations."""
-        for tenant, (partition, state) in self._dirty.items():
-            self._put(partition, f"t/{tenant}", state)
+    async def commit(self) -> None:
+        """Write the batch's tenant states and purge a few long-settled reservations."""
+        dirty, self._dirty = self._dirty, {}
+        now = time.time()
+        for tenant, (partition, state) in dirty.items():
+            await self._put(partition, f"t/{tenant}", state)
             queue = self._settled.get(tenant)
             for _ in range(8):
                 if not queue or queue[0][0] >= now - self.RETAIN_SETTLED_S:
                     break
-                self._put(partition, queue.popleft()[1], None)
-        self._dirty.clear()
-
-
-def batches(stream: faust.StreamT[bytes]) -> AsyncIterator[Sequence[faust.EventT]]:
-    # take_events is on faust's Stream class, not on its StreamT protocol.
-    return cast(Stream, stream).take_events(BATCH_MAX, within=BATCH_WITHIN_S)
+                await self._put(partition, queue.popleft()[1], None)
 
 
 def register(app: faust.App, settings: Settings) -> AdmissionController:
     watcher = ConfigWatcher(settings.control_config)
     ctl = AdmissionController(watcher.config, models=settings.models)
     sink = FaustEventSink(app)
-    ledger = Ledger(app.Table(TENANT_TABLE, default=None, partitions=settings.tenant_partitions))
+    table = app.Table(TENANT_TABLE, default=None, partitions=settings.tenant_partitions)
+    ledger = Ledger(cast(faust.Table, table), sink)
     seen: set[str] = set()  # tenants with usage, for snapshots
 
     async def decode_event(event: faust.EventT, adapter: TypeAdapter[_T], consumer: str
@@ -178,45 +176,40 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
             sink, adapter, raw=msg.value, key=msg.key, topic=msg.topic,
             partition=msg.partition, offset=msg.offset, consumer=consumer)
 
+    async def admit(event: faust.EventT) -> None:
+        request = await decode_event(event, _REQUEST, "admission")
+        if request is None:
+            return
+        msg = event.message
+        decision = ctl.admit(ledger.state(request.tenant), ledger.reservation(request.request_id),
+                             request, msg.offset, time.time())
+        if isinstance(decision, Admit):
+            await ledger.stage(msg.partition, request.tenant, decision.state, request.request_id,
+                               None if decision.replay else decision.reservation)
+            await apply_admission(sink, request, decision)
+        elif isinstance(decision, Reject):
+            await ledger.stage(msg.partition, request.tenant, decision.state)
+            await apply_admission(sink, request, decision)
+
+    async def settle(event: faust.EventT) -> None:
+        usage = await decode_event(event, _USAGE, "metering")
+        if usage is None:
+            return
+        msg = event.message
+        decision = ctl.settle(ledger.state(usage.tenant), ledger.reservation(usage.request_id),
+                              usage, msg.offset, time.time())
+        if isinstance(decision, Settle):
+            await ledger.stage(msg.partition, usage.tenant, decision.state, usage.request_id,
+                               decision.reservation)
+            seen.add(usage.tenant)
+
     @app.agent(raw_topic(app, REQUESTS), name="tokenweir.admission")
     async def admission(stream: faust.StreamT[bytes]) -> None:
-        async for events in batches(stream):
-            now = time.time()
-            for event in events:
-                request = await decode_event(event, _REQUEST, "admission")
-                if request is None:
-                    continue
-                msg = event.message
-                decision = ctl.admit(ledger.state(request.tenant),
-                                     ledger.reservation(request.request_id), request,
-                                     msg.offset, now)
-                if isinstance(decision, Admit):
-                    ledger.stage(msg.partition, request.tenant, decision.state,
-                                 request.request_id,
-                                 None if decision.replay else decision.reservation)
-                    await apply_admission(sink, request, decision)
-                elif isinstance(decision, Reject):
-                    ledger.stage(msg.partition, request.tenant, decision.state)
-                    await apply_admission(sink, request, decision)
-            ledger.commit(now)
+        await consume_in_batches(stream, admit, ledger.commit, sink.flush)
 
     @app.agent(raw_topic(app, USAGE), name="tokenweir.metering")
     async def metering(stream: faust.StreamT[bytes]) -> None:
-        async for events in batches(stream):
-            now = time.time()
-            for event in events:
-                usage = await decode_event(event, _USAGE, "metering")
-                if usage is None:
-                    continue
-                msg = event.message
-                decision = ctl.settle(ledger.state(usage.tenant),
-                                      ledger.reservation(usage.request_id), usage, msg.offset,
-                                      now)
-                if isinstance(decision, Settle):
-                    ledger.stage(msg.partition, usage.tenant, decision.state, usage.request_id,
-                                 decision.reservation)
-                    seen.add(usage.tenant)
-            ledger.commit(now)
+        await consume_in_batches(stream, settle, ledger.commit, sink.flush)
 
     @app.task
     async def heartbeats() -> None:
@@ -236,6 +229,7 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
             state, config = ledger.state(tenant), ctl.config.tenant(tenant)
             if state is not None and config is not None:
                 await sink.send(METERING, snapshot(tenant, state, config, now), key=tenant)
+        await sink.flush()
 
     return ctl
 

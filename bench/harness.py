@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from infra import procs
 from infra.stack import down, up
@@ -39,6 +40,11 @@ async def bench_stack(name: str, control_toml: str, *, port: int = 29092,
     await up(settings, log)
     try:
         yield settings
+    except BaseException:
+        for path in sorted((state / "logs").glob("agent-*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-30:]
+            log(f"--- last lines of {path.name}:\n" + "\n".join(tail))
+        raise
     finally:
         down(settings, log)
         shutil.rmtree(state, ignore_errors=True)
@@ -56,7 +62,10 @@ def stop_agent(settings: Settings, name: str = "admission") -> None:
 
 
 async def committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> int:
-    offsets = await admin.list_consumer_group_offsets(group)
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    except KafkaError:
+        return 0  # the group (or its coordinator) does not exist yet
     return sum(max(0, meta.offset) for tp, meta in offsets.items() if tp.topic == topic)
 
 

@@ -129,6 +129,32 @@ def submit(tenant: str, model: str | None, prompt: str, max_tokens: int,
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per tenant.")
+@click.option("--watch", "watch_s", type=float, default=None,
+              help="Refresh every this many seconds until interrupted.")
+def tenants(as_json: bool, watch_s: float | None) -> None:
+    """Live usage per tenant against its limit, burst and reservation."""
+    import time
+
+    from infra.tenants import latest_usage, table
+
+    settings = _settings()
+    while True:
+        snapshots = _run(latest_usage(settings.bootstrap))
+        if as_json:
+            for snap in sorted(snapshots.values(), key=lambda s: s.tenant):
+                click.echo(snap.model_dump_json())
+        elif snapshots:
+            click.echo("\n".join(table(snapshots)))
+        else:
+            click.echo("no tenant usage yet (the admission agent publishes it every 2 s)")
+        if watch_s is None:
+            return
+        time.sleep(watch_s)
+        click.echo()
+
+
 @main.group()
 def schemas() -> None:
     """Event contracts."""
@@ -164,16 +190,33 @@ def agent(names: tuple[str, ...], loglevel: str) -> None:
 @click.option("--worker-id", default=None)
 @click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="transformers: the Hugging Face model directory to serve.")
-def worker(model: str, engine: str, worker_id: str | None, model_dir: Path | None) -> None:
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="The engine's batch size.")
+@click.option("--max-in-flight", type=click.IntRange(min=1), default=None,
+              help="Requests held at once, running or queued in the engine "
+                   "[default: twice --max-batch].")
+@click.option("--time-scale", type=float, default=1.0, show_default=True,
+              help="sim: wall seconds per simulated second.")
+@click.option("--drain-timeout", "drain_timeout_s", type=click.FloatRange(min=0), default=30.0,
+              show_default=True,
+              help="On SIGTERM, seconds in-flight requests get to finish; the rest are "
+                   "left uncommitted for another worker.")
+def worker(model: str, engine: str, worker_id: str | None, model_dir: Path | None,
+           max_batch: int, max_in_flight: int | None, time_scale: float,
+           drain_timeout_s: float) -> None:
     """Serve one model's shards with an engine until SIGTERM (then drain)."""
     settings = _settings()
     if model not in settings.models:
         raise click.ClickException(f"model {model!r} is not configured: {settings.models}")
-    _run(_serve(settings, model, engine, worker_id, model_dir))
+    _run(_serve(settings, model, engine, worker_id, model_dir, max_batch=max_batch,
+                max_in_flight=max_in_flight, time_scale=time_scale,
+                drain_timeout_s=drain_timeout_s))
 
 
 async def _serve(settings: Settings, model: str, engine_name: str, worker_id: str | None,
-                 model_dir: Path | None = None) -> None:
+                 model_dir: Path | None = None, *, max_batch: int = 64,
+                 max_in_flight: int | None = None, time_scale: float = 1.0,
+                 drain_timeout_s: float = 30.0) -> None:
     from schemas.cost import CostModel
     from schemas.tenancy import load_config
     from streams.sink import KafkaEventSink
@@ -188,7 +231,8 @@ async def _serve(settings: Settings, model: str, engine_name: str, worker_id: st
     config = load_config(settings.control_config) if settings.control_config else None
     cost = config.cost(model) if config else CostModel()
     try:
-        engine = make_engine(engine_name, model=model, cost=cost, model_dir=model_dir)
+        engine = make_engine(engine_name, model=model, cost=cost, model_dir=model_dir,
+                             max_batch=max_batch, time_scale=time_scale)
         # Load weights before joining the group: a bad model fails here, not on traffic.
         if not await engine.health():
             await engine.close()
@@ -199,7 +243,11 @@ async def _serve(settings: Settings, model: str, engine_name: str, worker_id: st
     await sink.start()
     try:
         await ShardWorker(bootstrap=settings.bootstrap, model=model, engine=engine,
-                          sink=sink, worker_id=worker_id, cost=cost).run(stop)
+                          sink=sink, worker_id=worker_id, cost=cost, max_batch=max_batch,
+                          max_in_flight=max_in_flight,
+                          drain_timeout_s=drain_timeout_s).run(stop)
+    except WorkersError as exc:
+        raise InfraError(str(exc)) from exc
     finally:
         await engine.close()
         await sink.stop()

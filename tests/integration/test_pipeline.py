@@ -15,7 +15,7 @@ from schemas.events import DeadLetter, InferenceRequest, InferenceResult, Reject
 from schemas.signing import sign
 from streams.topics import DLQ, REQUESTS, RESPONSES, shard_topic
 from tests.builders import make_request, malformed_requests, request_doc
-from tests.integration.conftest import TENANT_KEYS, signed_client
+from tests.integration.conftest import TENANT_KEYS, eventually, signed_client
 
 REPLY = TypeAdapter(Reply)
 
@@ -149,3 +149,22 @@ async def test_thousand_forged_or_unsigned_requests_rejected_none_reach_shards(
     assert all(isinstance(r, Rejection) and r.reason == "unauthenticated" for r in replies)
     on_shards = await asyncio.to_thread(_kcat_read_all, settings, shard_topic("tiny-llama"))
     assert not [line for line in on_shards if "forged-" in line]
+
+
+async def test_tenants_snapshot_shows_settled_usage_against_limits(settings, pipeline):
+    from infra.tenants import latest_usage, table
+
+    async with signed_client(settings) as client:
+        replies = await asyncio.gather(*(client.submit(
+            make_request(tenant="globex", prompt=f"meter me {i}")) for i in range(10)))
+    assert all(isinstance(r, InferenceResult) for r in replies)
+
+    async def settled():
+        snap = (await latest_usage(settings.bootstrap)).get("globex")
+        return snap if snap and snap.admitted >= 10 and snap.pending == 0 else None
+
+    snap = await eventually(settled, timeout_s=60)
+    assert snap is not None, "no settled snapshot for globex on tw.metering"
+    assert snap.charged_mu == snap.actual_mu > 0  # exact once nothing is pending
+    assert snap.limit_mu_per_min == 100000 and sum(snap.mu_last_10s.values()) >= 0
+    assert any(line.startswith("globex") for line in table({"globex": snap}))

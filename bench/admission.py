@@ -1,0 +1,133 @@
+"""Admission decisions/s per agent process, and the p99 latency it adds at 1,000 requests/s.
+
+Throughput: N signed requests from 50 tenants are produced while the agent is
+down; the agent then starts and the rate at which its consumer group commits
+them is its decision rate (start-up and recovery excluded). A heartbeat
+announces four ready shards.
+
+Latency: requests are produced at 1,000/s, each stamped with its send time; a
+consumer of the shard topic records when each routed record arrives. The same
+is done through the pass-through agent (consume, decode, forward: no
+authentication, limits or state) in the same run; the difference of the p99s
+is what admission adds. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import statistics
+import time
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import TypeAdapter
+
+from bench.harness import bench_stack, group_rate, log, start_agent, stop_agent
+from bench.metering import MODEL, heartbeats, produce
+from schemas.events import InferenceRequest
+from schemas.signing import Signer
+from streams.codec import decode
+from streams.sink import KafkaEventSink
+from streams.topics import REQUESTS, shard_topic
+
+TENANTS = 50
+_REQUEST: TypeAdapter[InferenceRequest] = TypeAdapter(InferenceRequest)
+KEYS = {f"t{i}": (f"key-t{i}", secrets.token_hex(32)) for i in range(TENANTS)}
+CONTROL = "auth_required = true\n[default_tenant]\nlimit_mu_per_min = 1e9\nburst_mu = 1e9\n" + \
+    "".join(f'[keys.{k}]\ntenant = "{t}"\nsecret = "{s}"\n' for t, (k, s) in KEYS.items())
+
+
+def make(i: int, tag: str) -> InferenceRequest:
+    return InferenceRequest(request_id=f"{tag}-{i}", tenant=f"t{i % TENANTS}", model=MODEL,
+                            prompt="summarise the quarterly usage report " * 4, max_tokens=128,
+                            session_key=f"s{i % 400}")
+
+
+async def latencies(bootstrap: str, tag: str, rate: float, seconds: float) -> list[float]:
+    """Send ``rate`` requests/s for ``seconds``; ms from send to routed record, per request."""
+    signer = Signer(KEYS)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    parts = [TopicPartition(shard_topic(MODEL), p)
+             for p in sorted(consumer.partitions_for_topic(shard_topic(MODEL)) or [0, 1, 2, 3])]
+    consumer.assign(parts)
+    await consumer.seek_to_end(*parts)
+    sent: dict[str, float] = {}
+    seen: list[float] = []
+    total = int(rate * seconds)
+
+    async def receive() -> None:
+        while len(seen) < total:
+            for records in (await consumer.getmany(timeout_ms=100)).values():
+                arrived = time.time()
+                for record in records:
+                    rid = decode(record.value, _REQUEST).request_id
+                    if rid in sent:
+                        seen.append((arrived - sent.pop(rid)) * 1000)
+
+    sink = KafkaEventSink(bootstrap, linger_ms=0, client_id="bench-latency")
+    await sink.start()
+    reader = asyncio.create_task(receive())
+    try:
+        started = time.monotonic()
+        for i in range(total):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            request = signer(make(i, tag).model_copy(update={"submitted_at": time.time()}))
+            sent[request.request_id] = request.submitted_at
+            await sink.send(REQUESTS, request, key=request.tenant)
+        await sink.flush()
+        await asyncio.wait_for(reader, timeout=120)
+    finally:
+        reader.cancel()
+        await sink.stop()
+        await consumer.stop()
+    return seen
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
+
+
+async def main(n: int, rate: float, seconds: float) -> dict[str, float | int | str]:
+    async with bench_stack("admission", CONTROL) as settings:
+        sink = KafkaEventSink(settings.bootstrap, linger_ms=20, client_id="bench")
+        await sink.start()
+        stop = asyncio.Event()
+        beats = asyncio.create_task(heartbeats(sink, stop))
+        signer = Signer(KEYS)
+        await produce(sink, [(REQUESTS, signer(make(i, "tp")), f"t{i % TENANTS}")
+                             for i in range(n)])
+        start_agent(settings, "admission")
+        decisions = await group_rate(settings.bootstrap, settings.app_id, REQUESTS, n)
+        log(f"admission: {decisions:.0f} decisions/s over {n} requests")
+        admission_ms = await latencies(settings.bootstrap, "adm", rate, seconds)
+        stop_agent(settings, "admission")
+        start_agent(settings, "passthrough")
+        baseline_ms = await latencies(settings.bootstrap, "pt", rate, seconds)
+        stop_agent(settings, "passthrough")
+        stop.set()
+        await beats
+        await sink.stop()
+    added = p99(admission_ms) - p99(baseline_ms)
+    log(f"at {rate:.0f} req/s: p50/p99 admission {statistics.median(admission_ms):.2f}/"
+        f"{p99(admission_ms):.2f} ms, pass-through {statistics.median(baseline_ms):.2f}/"
+        f"{p99(baseline_ms):.2f} ms")
+    return {"bench": "admission", "decisions_per_s": round(decisions), "requests": n,
+            "rate_per_s": rate, "p99_ms": round(p99(admission_ms), 2),
+            "baseline_p99_ms": round(p99(baseline_ms), 2), "added_p99_ms": round(added, 2),
+            "p50_ms": round(statistics.median(admission_ms), 2),
+            "baseline_p50_ms": round(statistics.median(baseline_ms), 2)}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=30_000)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.requests, args.rate, args.seconds))))
