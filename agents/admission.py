@@ -134,6 +134,10 @@ class Ledger:
         dirty = self._dirty.get(tenant)
         return dirty[1] if dirty is not None else self._get(f"t/{tenant}", TenantState)
 
+    def tenants(self) -> list[str]:
+        """Tenants whose state this instance holds (its partitions, recovered or written)."""
+        return [key[2:] for key in list(self.table.data.keys()) if key.startswith("t/")]
+
     def reservation(self, request_id: str) -> Reservation | None:
         return self._get(f"r/{request_id}", Reservation)
 
@@ -168,6 +172,7 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
     table = app.Table(TENANT_TABLE, default=None, partitions=settings.tenant_partitions)
     ledger = Ledger(cast(faust.Table, table), sink)
     seen: set[str] = set()  # tenants with usage, for snapshots
+    rescan_at = 0.0  # when to look for tenants recovered from the changelog again
 
     async def decode_event(event: faust.EventT, adapter: TypeAdapter[_T], consumer: str
                            ) -> _T | None:
@@ -225,6 +230,10 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
     @app.timer(interval=2.0)
     async def publish_usage() -> None:
         now = time.time()
+        nonlocal rescan_at
+        if now >= rescan_at:  # tenants this instance owns from before a restart, too
+            seen.update(ledger.tenants())
+            rescan_at = now + 30.0
         for tenant in sorted(seen):
             state, config = ledger.state(tenant), ctl.config.tenant(tenant)
             if state is not None and config is not None:

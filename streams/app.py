@@ -29,6 +29,10 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         producer_acks=-1,
         producer_max_request_size=16 * 1024 * 1024,
         broker_commit_interval=1.0,
+        # A killed agent's partitions move to the others (or to its restart) after
+        # the session timeout: seconds, not Kafka's default minute of stalled tenants.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
     )
 
 
