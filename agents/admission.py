@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
 from pathlib import Path
@@ -67,13 +68,15 @@ class ConfigWatcher:
 
 
 async def apply_admission(sink: EventSink, request: InferenceRequest,
-                          decision: Admit | Reject) -> None:
+                          decision: Admit | Reject, raw: bytes | None = None) -> None:
+    """Route or reject; ``raw``: the request's record as received, forwarded unchanged
+    (it was validated, and re-encoding it would only cost time)."""
     if isinstance(decision, Reject):
         await sink.send(request.reply_topic, decision.rejection, key=request.request_id)
     else:
         # The reservation rides along as a header: workers report in-flight MU in the
         # router's own units, and observers can audit admissions against limits.
-        await sink.send(f"tw.shard.{decision.route.model}", request,
+        await sink.send(f"tw.shard.{decision.route.model}", raw or request,
                         key=request.session_key or request.request_id,
                         partition=decision.route.shard,
                         headers=[(RESERVED_MU_HEADER, f"{decision.reservation.mu:.6f}".encode())])
@@ -89,8 +92,8 @@ class Ledger:
     batch's offsets are acknowledged). Writes name their partition (the tenant's, that
     of the record being processed) instead of relying on Faust's current event.
 
-    Parsed values are cached by the identity of the stored object: a value recovered
-    from the changelog or written by another instance is a new object and is parsed again.
+    The in-memory store holds the models this instance wrote; a value recovered from
+    the changelog (a dict) is parsed once and replaced by its model.
     """
 
     RETAIN_SETTLED_S = 600.0  # how long a settled reservation is kept to spot redeliveries
@@ -98,37 +101,30 @@ class Ledger:
     def __init__(self, table: faust.Table, sink: FaustEventSink) -> None:
         self.table = table
         self._sink = sink
-        self._changelog = table.changelog_topic
-        self._cache: dict[str, tuple[object, BaseModel]] = {}
+        self._changelog_name = table.changelog_topic.get_topic_name()
         self._dirty: dict[str, tuple[int, TenantState]] = {}  # tenant -> partition, state
         self._settled: dict[str, collections.deque[tuple[float, str]]] = {}  # tenant -> keys
 
     def _get(self, key: str, model: type[_M]) -> _M | None:
-        raw = self.table.get(key)
-        if raw is None:
-            return None
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] is raw:
-            return hit[1]  # type: ignore[return-value]
-        value = model.model_validate(raw)
-        self._cache[key] = (raw, value)
+        stored = self.table.get(key)
+        if stored is None or isinstance(stored, model):
+            return stored  # written by this instance: the model itself
+        value = model.model_validate(stored)  # a dict recovered from the changelog
+        self.table.data[key] = value
         return value
 
     async def _put(self, partition: int, key: str, value: BaseModel | None) -> None:
-        # Serialized as Faust would (its recovery reads these records back), but sent
-        # through the sink: the agent checks acknowledgements at the end of each batch.
-        raw = None if value is None else value.model_dump()
-        key_bytes, _ = self._changelog.prepare_key(key, self.table.key_serializer)
-        if raw is None:
-            self._cache.pop(key, None)
+        # The store keeps the model; the changelog gets the JSON that Faust's "json"
+        # serializers read back on recovery. Sent through the sink, so the agent checks
+        # the acknowledgements of each batch before acknowledging its events.
+        if value is None:
             self.table.data.pop(key, None)
             value_bytes = None
         else:
-            self.table.data[key] = raw
-            self._cache[key] = (raw, value)  # type: ignore[assignment]
-            value_bytes, _ = self._changelog.prepare_value(raw, self.table.value_serializer)
-        await self._sink.send(self._changelog.get_topic_name(), value_bytes, key=key_bytes,
-                              partition=partition)
+            self.table.data[key] = value
+            value_bytes = value.model_dump_json().encode()
+        await self._sink.send(self._changelog_name, value_bytes,
+                              key=json.dumps(key).encode(), partition=partition)
 
     def state(self, tenant: str) -> TenantState | None:
         dirty = self._dirty.get(tenant)
@@ -191,7 +187,7 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
         if isinstance(decision, Admit):
             await ledger.stage(msg.partition, request.tenant, decision.state, request.request_id,
                                None if decision.replay else decision.reservation)
-            await apply_admission(sink, request, decision)
+            await apply_admission(sink, request, decision, msg.value)
         elif isinstance(decision, Reject):
             await ledger.stage(msg.partition, request.tenant, decision.state)
             await apply_admission(sink, request, decision)
