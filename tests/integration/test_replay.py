@@ -10,9 +10,10 @@ from schemas.config import Settings
 
 
 @pytest.fixture(scope="module")
-async def replay_stack(tmp_path_factory: pytest.TempPathFactory):
+async def replay_stack(tmp_path_factory: pytest.TempPathFactory, settings: Settings, stack):
+    # Its own broker; the session's ClickHouse server (chDB is one per process).
     base = Settings(kafka_port=39092, kafka_controller_port=39093, tenant_partitions=4,
-                    shard_partitions=4)
+                    shard_partitions=4, clickhouse_url=settings.clickhouse_server_url)
     settings = replay_settings(tmp_path_factory.mktemp("replay"), base)
     await up(settings, print)
     yield settings
