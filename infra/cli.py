@@ -391,3 +391,38 @@ def demo(n_requests: int, keep_running: bool) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.option("--trace", "trace_path", type=click.Path(path_type=Path, exists=True),
+              required=True, help="azure2023 directory (code + conversation merged).")
+@click.option("--policy", type=click.Choice(["all", "tokenweir", "kpa", "keda-lag", "oracle",
+                                             "static-peak"]), default="all", show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=Path("simulate.png"),
+              show_default=True, help="PNG of demand and replicas over time.")
+@click.option("--target-utilisation", type=click.FloatRange(0.05, 1.0), default=None,
+              help="Override tokenweir's target utilisation (trade GPU-hours for SLO).")
+def simulate(trace_path: Path, policy: str, plot_path: Path,
+             target_utilisation: float | None) -> None:
+    """Replay a trace through a scaling policy; print GPU-hours and SLO attainment."""
+    from agents.scaling import ScalingConfig
+    from bench.traces import azure_requests
+    from schemas.cost import CostModel
+    from sim.simulator import POLICIES, SimConfig, TokenweirScaler, Workload, plot, table
+    from sim.simulator import simulate as run_policy
+
+    cfg = SimConfig()
+    work = Workload.build(azure_requests(directory=trace_path), CostModel(), cfg)
+    # The oracle and static-peak rows give the table its ratios, so they always run.
+    names = POLICIES if policy == "all" else tuple(dict.fromkeys(
+        (policy, "oracle", "static-peak")))
+    scaling = ScalingConfig(capacity_mu_per_min=cfg.capacity_mu_per_min,
+                            startup_s=cfg.startup_s, min_replicas=cfg.min_replicas,
+                            max_replicas=cfg.max_replicas)
+    if target_utilisation is not None:
+        scaling = scaling.model_copy(update={"target_utilisation": target_utilisation})
+    results = [run_policy(work, name, cfg, scaler=TokenweirScaler(cfg, scaling)
+                          if name == "tokenweir" else None) for name in names]
+    _say(table(results, cfg))
+    plot(work, results, cfg, str(plot_path))
+    _say(f"plot: {plot_path}")

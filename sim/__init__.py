@@ -1,0 +1,1 @@
+"""Trace-driven simulator of the control plane's autoscaling (see ``sim.simulator``)."""
