@@ -6,15 +6,33 @@ Model (documented choices):
   same α, β the admission agent prices with). ``SimConfig.capacity_mu_per_min``
   is one replica's C; the default (240 MU/min with the default α, β) puts the
   merged Azure 2023 trace at a handful to ~20 replicas.
-- **Fleet.** One pooled FIFO fluid server, 1 s steps: in second k the fleet
-  serves ``min(backlog + arrivals, ready·C/60)`` MU. Pooling stands for the
-  router's MU-balanced, bounded-load choice of shard (it keeps replicas within
-  ``balance`` of each other, so the fleet behaves close to one queue).
-- **Latency.** Queueing delay is exact FIFO on that fluid server: a request
-  starts when the fleet has served all the MU that arrived before it. Time to
-  first token = ``ttft_base_s + α·input / prefill_mu_per_s`` (prefill is
-  compute-bound and runs far faster than the decode-bound C; ``prefill_mu_per_s``
-  = 20 MU/s is 20k prompt tokens/s with α = 0.001).
+- **Fleet (continuous batching).** One pooled fluid server, 1 s steps, with
+  ``ready·C/60`` MU/s. Pooling stands for the router's MU-balanced, bounded-load
+  choice of shard (it keeps replicas within ``balance`` of each other). Each
+  request's MU splits into prefill work (α·input) and decode work (β·output), as
+  a continuous-batching engine (vLLM, chunked prefill) runs them:
+
+  * Prefill has priority and is served FIFO at up to ``ready·prefill_mu_per_s``
+    MU/s (compute-bound; one request alone prefills at that speed, so a queue of
+    them cannot go slower). Prefill beyond the second's C is borrowed from
+    decode: it is added to the decode backlog as work owed, so over time the fleet
+    still serves no more than C MU/min (a prefill burst slows running decodes,
+    i.e. inter-token latency, rather than first tokens).
+  * Decode work of admitted requests (and that debt) takes the capacity prefill
+    leaves in each second; it stays in flight until served.
+  * Max batch: a replica holds at most ``max_batch_s`` seconds of its C as decode
+    work in flight (KV cache / max_num_seqs: 15 s × 4 MU/s = 60 MU ≈ 30 sequences
+    of 200 output tokens; a full batch at ~25 tokens/s per sequence drains in
+    ~10 s). While the fleet's decode backlog is at that cap, no prefill is admitted
+    and new requests queue, so decode work that outgrows the fleet still delays
+    first tokens (and past ``max_queue_s`` is rejected).
+- **Latency.** Queueing delay is exact FIFO on the prefill queue: a request's
+  prefill starts when the fleet has served all prefill MU that arrived before it
+  (seconds in which admission is closed serve none). Time to first token =
+  ``ttft_base_s + α·input / prefill_mu_per_s`` (``prefill_mu_per_s`` = 20 MU/s is
+  20k prompt tokens/s with α = 0.001). Decode of a burst no longer delays later
+  first tokens unless it fills the batches. Every policy, the oracle included, is
+  scored on this same model.
 - **SLO.** A request is within the SLO when queueing delay + TTFT ≤ ``slo_s``
   (2 s). A request that would wait more than ``max_queue_s`` (30 s) is counted
   as rejected (429) and as an SLO miss.
@@ -32,6 +50,7 @@ that can meet it) and ``static-peak`` (the oracle's peak, all the time).
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Sequence
@@ -59,6 +78,7 @@ class SimConfig(BaseModel):
     ttft_base_s: Annotated[float, Field(ge=0)] = 0.05  # scheduling + first decode step
     prefill_mu_per_s: Annotated[float, Field(gt=0)] = 20.0  # one request's prefill speed
     max_queue_s: Annotated[float, Field(gt=0)] = 30.0  # longer waits are rejected
+    max_batch_s: Annotated[float, Field(gt=0)] = 15.0  # decode in flight per replica, s of C
     stable_s: Annotated[int, Field(ge=1)] = 60  # stable window
     panic_s: Annotated[int, Field(ge=1)] = 6  # panic window
     tick_s: Annotated[int, Field(ge=1)] = 2  # decision period (tokenweir, kpa)
@@ -86,10 +106,19 @@ class Workload:
 
     at: np.ndarray  # s, sorted
     mu: np.ndarray  # MU per request
+    pf: np.ndarray  # prefill MU per request (α·input)
     ttft: np.ndarray  # s, time to first token with no queueing
     arr_mu: np.ndarray  # MU arriving per second
     arr_n: np.ndarray  # requests arriving per second
+    arr_pf: np.ndarray  # prefill MU arriving per second
     seconds: int = field(default=0)
+
+    def cumulative(self) -> tuple[list[float], list[float], list[float]]:
+        """Per request in arrival order, running totals (leading 0): prefill, decode, all MU."""
+        z = np.zeros(1)
+        return (np.concatenate((z, np.cumsum(self.pf))).tolist(),
+                np.concatenate((z, np.cumsum(self.mu - self.pf))).tolist(),
+                np.concatenate((z, np.cumsum(self.mu))).tolist())
 
     @classmethod
     def build(cls, requests: Sequence[TraceRequest] | tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -103,21 +132,68 @@ class Workload:
         order = np.argsort(at, kind="stable")
         at, inp, out = at[order], inp[order], out[order]
         # Vectorised CostModel.model_units (no images, no cache): same α, β.
-        mu = cost.alpha * inp + cost.beta * out
+        pf = cost.alpha * inp
+        mu = pf + cost.beta * out
         ttft = cfg.ttft_base_s + cost.alpha * inp / cfg.prefill_mu_per_s
         seconds = math.ceil(at[-1]) + 1 if len(at) else 1
         sec = at.astype(np.int64)
         arr_mu = np.bincount(sec, weights=mu, minlength=seconds)
         arr_n = np.bincount(sec, minlength=seconds).astype(float)
-        return cls(at=at, mu=mu, ttft=ttft, arr_mu=arr_mu, arr_n=arr_n, seconds=seconds)
+        arr_pf = np.bincount(sec, weights=pf, minlength=seconds)
+        return cls(at=at, mu=mu, pf=pf, ttft=ttft, arr_mu=arr_mu, arr_n=arr_n, arr_pf=arr_pf,
+                   seconds=seconds)
 
 
-def _fluid(arr_mu: np.ndarray, cap_per_s: np.ndarray, b0: float) -> tuple[np.ndarray, float]:
-    """Served MU per second of a FIFO fluid queue (Lindley recursion, vectorised)."""
-    x = b0 + np.concatenate(([0.0], np.cumsum(arr_mu - cap_per_s)))
-    backlog = x - np.minimum(0.0, np.minimum.accumulate(x))
-    served = backlog[:-1] + arr_mu - backlog[1:]
-    return served, float(backlog[-1])
+@dataclass
+class FleetState:
+    """The continuous-batching fluid fleet between seconds (copyable: the oracle tries)."""
+
+    queued: float = 0.0  # prefill MU arrived, not yet served (FIFO)
+    decode: float = 0.0  # decode MU of admitted requests, not yet served
+    prefilled: float = 0.0  # prefill MU served so far (cumulative)
+
+
+class Fleet:
+    """Second by second: prefill first (FIFO, admitted while batches have room), then decode."""
+
+    def __init__(self, work: Workload, cfg: SimConfig) -> None:
+        self.arr_pf = work.arr_pf.tolist()
+        self.cum_pf, self.cum_dec, self.cum_mu = work.cumulative()
+        self.cap_s = cfg.capacity_mu_per_min / 60.0
+        self.batch_mu = cfg.max_batch_s * self.cap_s  # decode MU one replica holds
+        self.prefill_s = cfg.prefill_mu_per_s  # one replica's prefill rate, MU/s
+
+    def _at(self, cum: list[float], prefilled: float) -> float:
+        """``cum`` (per request) at the point where ``prefilled`` prefill MU are served."""
+        cp = self.cum_pf
+        i = bisect.bisect_right(cp, prefilled) - 1
+        if i >= len(cp) - 1:
+            return cum[-1]
+        span = cp[i + 1] - cp[i]
+        f = (prefilled - cp[i]) / span if span > 0 else 1.0
+        return cum[i] + f * (cum[i + 1] - cum[i])
+
+    def step(self, st: FleetState, t: int, ready: int) -> tuple[float, float, float]:
+        """Advance ``st`` over second ``t``: (prefill served, prefill capacity, MU served)."""
+        cap = ready * self.cap_s
+        pcap = ready * self.prefill_s
+        st.queued += self.arr_pf[t]
+        open_ = st.decode < ready * self.batch_mu
+        p = min(st.queued, pcap) if open_ else 0.0
+        if p > 0.0:
+            before = st.prefilled
+            st.prefilled += p
+            st.queued -= p
+            st.decode += self._at(self.cum_dec, st.prefilled) - self._at(self.cum_dec, before)
+            # Prefill beyond this second's C is borrowed from decode: owed, served later.
+            st.decode += max(0.0, p - cap)
+        d = min(st.decode, max(0.0, cap - p))
+        st.decode -= d
+        return p, pcap if open_ else 0.0, p + d
+
+    def waiting_mu(self, st: FleetState, arrived_mu: float) -> float:
+        """Whole MU of requests whose prefill has not been served (queued, not started)."""
+        return max(0.0, arrived_mu - self._at(self.cum_mu, st.prefilled))
 
 
 def _waits(at: np.ndarray, mu: np.ndarray, served: np.ndarray, cap_per_s: np.ndarray,
@@ -138,8 +214,9 @@ def _waits(at: np.ndarray, mu: np.ndarray, served: np.ndarray, cap_per_s: np.nda
 def _head(work: Workload, seconds: int) -> Workload:
     n = int(np.searchsorted(work.at, seconds))
     s = min(seconds, work.seconds)
-    return Workload(at=work.at[:n], mu=work.mu[:n], ttft=work.ttft[:n],
-                    arr_mu=work.arr_mu[:s], arr_n=work.arr_n[:s], seconds=s)
+    return Workload(at=work.at[:n], mu=work.mu[:n], pf=work.pf[:n], ttft=work.ttft[:n],
+                    arr_mu=work.arr_mu[:s], arr_n=work.arr_n[:s], arr_pf=work.arr_pf[:s],
+                    seconds=s)
 
 
 class Scaler(Protocol):
@@ -232,20 +309,22 @@ class KedaLagScaler:
 
 def _simulate_scaler(work: Workload, cfg: SimConfig, scaler: Scaler, warm: int
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The closed loop: per second, fluid service; every period, a window → a decision."""
+    """The closed loop: per second, the fleet; every period, a window → a decision.
+
+    Returns prefill capacity and prefill served per second, replicas asked for per
+    second, and the number of decisions that changed the desired count.
+    """
     n_s = work.seconds
-    cap_s = cfg.capacity_mu_per_min / 60.0
+    fleet, st = Fleet(work, cfg), FleetState()
     cum_arr = np.concatenate(([0.0], np.cumsum(work.arr_mu))).tolist()
-    arr = work.arr_mu.tolist()
-    ready_per_s = np.zeros(n_s)
+    pcap = np.zeros(n_s)
     asked_per_s = np.zeros(n_s, dtype=np.int64)
-    served = np.zeros(n_s)
+    served_p = np.zeros(n_s)
     served_hist = [0.0] * (n_s + 1)
     starting: list[float] = []  # ready-at times (s)
     ready_since: list[float] = []  # start times of ready replicas
     for _ in range(max(cfg.min_replicas, warm)):  # the fleet is warm when the trace starts
         ready_since.append(-1e9)
-    backlog = 0.0
     changes = 0
     last_desired = -1
     for t in range(n_s):
@@ -260,7 +339,8 @@ def _simulate_scaler(work: Workload, cfg: SimConfig, scaler: Scaler, warm: int
             window = DemandWindow(
                 model=cfg.model, at=float(t), demand_stable_mu_per_min=stable,
                 demand_panic_mu_per_min=panic, in_flight_mu_per_min=flight,
-                backlog_mu=backlog, ready=len(ready_since), starting=len(starting),
+                backlog_mu=fleet.waiting_mu(st, cum_arr[t]), ready=len(ready_since),
+                starting=len(starting),
                 youngest_ready_at=tuple(s for s in ready_since if s > t - 300.0))
             desired = scaler.step(window)
             if desired != last_desired:
@@ -276,14 +356,21 @@ def _simulate_scaler(work: Workload, cfg: SimConfig, scaler: Scaler, warm: int
                     drop -= 1
                 ready_since.sort()
                 del ready_since[:min(drop, max(0, len(ready_since) - cfg.min_replicas))]
-        cap = len(ready_since) * cap_s
-        done = min(backlog + arr[t], cap)
-        backlog = backlog + arr[t] - done
-        served[t] = done
+        p, pc, done = fleet.step(st, t, len(ready_since))
+        served_p[t] = p
+        pcap[t] = pc
         served_hist[t + 1] = served_hist[t] + done
-        ready_per_s[t] = len(ready_since)
         asked_per_s[t] = len(ready_since) + len(starting)
-    return ready_per_s * cap_s, served, asked_per_s, changes
+    return pcap, served_p, asked_per_s, changes
+
+
+def _run_fixed(fleet: Fleet, st: FleetState, t0: int, replicas: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The fleet over seconds t0… with a fixed replica count per second (advances ``st``)."""
+    pcap, served = np.zeros(len(replicas)), np.zeros(len(replicas))
+    for i, n in enumerate(replicas.tolist()):
+        served[i], pcap[i], _ = fleet.step(st, t0 + i, int(n))
+    return pcap, served
 
 
 def _oracle(work: Workload, cfg: SimConfig) -> np.ndarray:
@@ -294,27 +381,30 @@ def _oracle(work: Workload, cfg: SimConfig) -> np.ndarray:
     replicas = np.zeros(work.seconds, dtype=np.int64)
     bounds = np.searchsorted(work.at, np.arange(n_iv + 1) * iv)
     feasible = work.ttft <= cfg.slo_s
-    backlog = 0.0
+    fleet, state = Fleet(work, cfg), FleetState()
     for j in range(n_iv):
         s0, s1 = j * iv, min(work.seconds, (j + 1) * iv)
         a = work.arr_mu[s0:s1]
         i0, i1 = bounds[j], bounds[j + 1]
-        at, mu = work.at[i0:i1], work.mu[i0:i1]
+        at, pf = work.at[i0:i1], work.pf[i0:i1]
         ok_need = feasible[i0:i1]
         budget = cfg.slo_s - work.ttft[i0:i1]
 
-        def meets(n: int, a: np.ndarray = a, at: np.ndarray = at, mu: np.ndarray = mu,
-                  ok_need: np.ndarray = ok_need, budget: np.ndarray = budget,
-                  s0: int = s0, b0: float = backlog) -> tuple[bool, float]:
-            cap = np.full(len(a), n * cap_s)
-            served, end = _fluid(a, cap, b0)
+        def meets(n: int, s0: int = s0, s1: int = s1, at: np.ndarray = at,
+                  pf: np.ndarray = pf, ok_need: np.ndarray = ok_need,
+                  budget: np.ndarray = budget, b0: FleetState = state
+                  ) -> tuple[bool, FleetState]:
+            st = FleetState(b0.queued, b0.decode, b0.prefilled)
+            pcap, served = _run_fixed(fleet, st, s0, np.full(s1 - s0, n))
             if len(at) == 0:
-                return end <= 1e-9 or n >= cfg.max_replicas, end
-            # Work queued before this interval is ahead of every request in it.
-            waits = _waits(at, mu, served, cap, b0, s0)
-            return bool(np.all(waits[ok_need] <= budget[ok_need])), end
+                return st.queued <= 1e-9 or n >= cfg.max_replicas, st
+            # Prefill queued before this interval is ahead of every request in it.
+            waits = _waits(at, pf, served, pcap, b0.queued, s0)
+            return bool(np.all(waits[ok_need] <= budget[ok_need])), st
 
-        lo = max(cfg.min_replicas, math.ceil((backlog + a.sum()) / (cap_s * len(a)) - 1e-9))
+        # Fewer replicas than the interval's MU at full utilisation can never keep up.
+        lo = max(cfg.min_replicas,
+                 math.ceil((state.queued + state.decode + a.sum()) / (cap_s * len(a)) - 1e-9))
         lo = min(lo, cfg.max_replicas)
         hi = lo
         while hi < cfg.max_replicas and not meets(hi)[0]:
@@ -325,15 +415,15 @@ def _oracle(work: Workload, cfg: SimConfig) -> np.ndarray:
                 hi = mid
             else:
                 lo = mid + 1
-        _, backlog = meets(hi)
+        _, state = meets(hi)
         replicas[s0:s1] = hi
     return replicas
 
 
 def _evaluate(policy: str, work: Workload, cfg: SimConfig, asked: np.ndarray,
-              cap_per_s: np.ndarray, served: np.ndarray, changes: int, wall_s: float
+              pcap: np.ndarray, served_p: np.ndarray, changes: int, wall_s: float
               ) -> SimResult:
-    waits = _waits(work.at, work.mu, served, cap_per_s, 0.0, 0)
+    waits = _waits(work.at, work.pf, served_p, pcap, 0.0, 0)
     rejected = waits > cfg.max_queue_s
     ok = (waits + work.ttft <= cfg.slo_s) & ~rejected
     n = len(work.at)
@@ -354,10 +444,9 @@ def simulate(work: Workload, policy: str, cfg: SimConfig, *, peak: int | None = 
                 asked = np.full(work.seconds, int(asked.max()), dtype=np.int64)
         else:
             asked = np.full(work.seconds, peak, dtype=np.int64)
-        cap = asked * cap_s
-        served, _ = _fluid(work.arr_mu, cap, 0.0)
+        pcap, served = _run_fixed(Fleet(work, cfg), FleetState(), 0, asked)
         changes = int(np.count_nonzero(np.diff(asked))) + 1
-        return _evaluate(policy, work, cfg, asked, cap, served, changes,
+        return _evaluate(policy, work, cfg, asked, pcap, served, changes,
                          time.perf_counter() - t0)
     if scaler is None:
         if policy == "tokenweir":
