@@ -12,7 +12,7 @@ from schemas.cost import CostModel
 from workers import EngineError
 from workers.engines.base import Engine
 
-ENGINE_NAMES: tuple[str, ...] = ("echo", "sim", "transformers")
+ENGINE_NAMES: tuple[str, ...] = ("echo", "sim", "transformers", "vllm")
 
 
 def make_engine(name: str, *, model: str, cost: CostModel, seed: int = 0, max_batch: int = 64,
@@ -37,4 +37,11 @@ def make_engine(name: str, *, model: str, cost: CostModel, seed: int = 0, max_ba
         if model_dir is None:
             raise EngineError("the transformers engine needs a model directory (--model-dir)")
         return TransformersEngine(model_dir, max_batch=max_batch, seed=seed)
+    if name == "vllm":
+        # The module imports without vLLM; vLLM itself loads when the engine starts.
+        from workers.engines.vllm_engine import VllmEngine
+
+        if model_dir is None:
+            raise EngineError("the vllm engine needs a model directory (--model-dir)")
+        return VllmEngine(model_dir, max_batch=max_batch, seed=seed)
     raise EngineError(f"unknown engine {name!r}; known: {', '.join(ENGINE_NAMES)}")
