@@ -68,6 +68,7 @@ async def latencies(bootstrap: str, tag: str, rate: float, seconds: float) -> li
 
     sink = KafkaEventSink(bootstrap, linger_ms=0, client_id="bench-latency")
     await sink.start()
+    await warm_up(sink, consumer, signer, tag)
     reader = asyncio.create_task(receive())
     try:
         started = time.monotonic()
@@ -85,6 +86,24 @@ async def latencies(bootstrap: str, tag: str, rate: float, seconds: float) -> li
         await sink.stop()
         await consumer.stop()
     return seen
+
+
+async def warm_up(sink: KafkaEventSink, consumer: AIOKafkaConsumer, signer: Signer, tag: str,
+                  timeout_s: float = 90.0) -> None:
+    """Send one request at a time until one is routed: the agent has joined its group and
+    recovered its table, so start-up is not counted as latency."""
+    deadline = time.monotonic() + timeout_s
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        await sink.send(REQUESTS, signer(make(i, f"{tag}-warm")), key=f"t{i % TENANTS}")
+        await sink.flush()
+        batches = await consumer.getmany(timeout_ms=300)
+        if any(records for records in batches.values()):
+            await asyncio.sleep(1.0)  # let the warm-up trickle drain
+            await consumer.getmany(timeout_ms=100)
+            return
+    raise RuntimeError(f"agent routed nothing within {timeout_s:.0f}s")
 
 
 def p99(values: list[float]) -> float:
