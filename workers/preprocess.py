@@ -309,12 +309,14 @@ def _tune_malloc() -> bool:
     Every request allocates and frees buffers of tens of MB (the decoded
     image, its resized float copy, the 18.8 MB patch array). With glibc's
     defaults those are mmapped or trimmed off the heap top when freed, and
-    the next request page-faults them back in: measured here ~6700 minor
-    faults (26 MB, ~15 ms of kernel time) on every PIL-path request, and
-    bursts of ~10000 on one torchvision request in five. A fixed mmap
-    threshold of 64 MB and a trim threshold of 256 MB keep the memory in
-    the process for reuse; the cost is that a pool process's RSS stays at
-    its high-water mark (tens of MB for one image per request).
+    the next request page-faults them back in: measured here ~6100-6700
+    minor faults (~25 MB, ~15 ms of kernel time) on every PIL-path request
+    and 2000-5000 per torchvision request on average (bursts of ~10000),
+    which cost the torchvision path 40% of its throughput in
+    ``bench.multimodal`` (59 vs 104 req/s). A fixed mmap threshold of 64 MB
+    and a trim threshold of 256 MB keep the memory in the process for
+    reuse; the cost is that a pool process's RSS stays at its high-water
+    mark (tens of MB for one image per request).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
