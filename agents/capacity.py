@@ -1,8 +1,8 @@
 """Sharing live capacity between tenants. Pure.
 
-Live capacity is the MU/min of healthy replicas. Provisioned tenants are
-admitted up to their reservation whatever the load. The rest of the
-capacity is shared by everyone else's traffic. Each priority class may fill
+Live capacity is the MU/min of healthy replicas. Reservations are held out
+of it (admission within a reservation is the limiter's decision and never
+asks the pool); the rest is shared by all other traffic. Each priority class may fill
 only part of it (headroom is kept for higher classes). While the pool is
 uncontended, requests are admitted; once contended, only tenants below
 their fair share (shared capacity ÷ active tenants) are admitted, so no
@@ -80,7 +80,6 @@ class CapacityPool:
         self.reserved_mu_per_min = 0.0
         self._shared = SlidingSum(window_s)
         self._by_tenant: dict[str, SlidingSum] = {}  # shared-pool use per tenant
-        self._reserved_use: dict[str, SlidingSum] = {}  # use covered by reservations
 
     def set_capacity(self, capacity_mu_per_min: float, reserved_mu_per_min: float) -> None:
         self.capacity_mu_per_min = capacity_mu_per_min
@@ -95,11 +94,9 @@ class CapacityPool:
             found = table[tenant] = SlidingSum(self._window_s)
         return found
 
-    def decide(self, tenant: str, reservation_mu_per_min: float, priority: Priority,
-               cost_mu: float, now: float) -> PoolDecision:
-        reserved = self._sum(self._reserved_use, tenant)
-        if reserved.total(now) + cost_mu <= self._window(reservation_mu_per_min):
-            return PoolDecision(admitted=True, reason="reservation")
+    def decide(self, tenant: str, priority: Priority, cost_mu: float, now: float
+               ) -> PoolDecision:
+        """Shared-pool admission; reservations are the limiter's and never reach here."""
         shared_cap = self._window(max(0.0, self.capacity_mu_per_min - self.reserved_mu_per_min))
         used = self._shared.total(now)
         class_cap = shared_cap * PRIORITY_HEADROOM[priority]
@@ -117,9 +114,6 @@ class CapacityPool:
                             reason=f"shared capacity full ({used:.0f}/{shared_cap:.0f} MU "
                                    f"per {self._window_s:.0f}s; fair share {fair:.0f})")
 
-    def record(self, tenant: str, decision: PoolDecision, cost_mu: float, now: float) -> None:
-        if decision.reason == "reservation":
-            self._sum(self._reserved_use, tenant).add(cost_mu, now)
-        else:
-            self._shared.add(cost_mu, now)
-            self._sum(self._by_tenant, tenant).add(cost_mu, now)
+    def record(self, tenant: str, cost_mu: float, now: float) -> None:
+        self._shared.add(cost_mu, now)
+        self._sum(self._by_tenant, tenant).add(cost_mu, now)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agents import windows
 from agents.auth import authenticate
-from agents.capacity import CapacityPool, PoolDecision
+from agents.capacity import CapacityPool
 from agents.estimator import CostEstimator
 from agents.limiter import Reservation, TenantState, TokenBucketLimiter
 from agents.router import Route, ShardRouter
@@ -118,20 +118,19 @@ class AdmissionController:
                                 f"tenant limit {tenant.limit_mu_per_min:g} MU/min (burst "
                                 f"{tenant.burst_mu:g}); {limit.window_mu:.2f} MU in the last "
                                 f"minute; request ~{mu:.2f} MU", state, limit.retry_after_s, mu)
-        if limit.path == "reservation":
-            share = PoolDecision(admitted=True, reason="reservation")
-        else:
+        shared = limit.path != "reservation"  # reserved capacity is never the pool's
+        if shared:
             self.pool.set_capacity(self.router.live_capacity(now),
                                    self.config.reserved_mu_per_min())
-            share = self.pool.decide(request.tenant, 0.0, request.priority, mu, now)
-        if not share.admitted:
-            return self._reject(request, "over_capacity", share.reason, state,
-                                share.retry_after_s, mu)
+            share = self.pool.decide(request.tenant, request.priority, mu, now)
+            if not share.admitted:
+                return self._reject(request, "over_capacity", share.reason, state,
+                                    share.retry_after_s, mu)
         reservation = Reservation(tenant=request.tenant, mu=mu, slot=math.floor(now),
                                   admit_offset=offset)
         decision = self._route(state, reservation, request, now, recharge=True)
-        if isinstance(decision, Admit):
-            self.pool.record(request.tenant, share, mu, now)
+        if isinstance(decision, Admit) and shared:
+            self.pool.record(request.tenant, mu, now)
         return decision
 
     def _route(self, state: TenantState, reservation: Reservation, request: InferenceRequest,

@@ -15,6 +15,7 @@ import contextlib
 from aiokafka import AIOKafkaConsumer
 from pydantic import TypeAdapter
 
+from agents.estimator import CostEstimator
 from schemas.cost import CostModel
 from schemas.events import (
     InferenceRequest,
@@ -41,6 +42,7 @@ class TraceFleet:
         self._replicas = replicas
         self._capacity = capacity_mu_per_min
         self._sink = KafkaEventSink(bootstrap, client_id="trace-fleet")
+        self._estimator = CostEstimator()  # no tokenizer: the documented approximation
         self.admitted_at: dict[str, float] = {}  # request id -> epoch s first routed
         self.shard_of: dict[str, int] = {}
         self.reserved_mu: dict[str, float] = {}  # request id -> MU admission reserved
@@ -88,7 +90,7 @@ class TraceFleet:
                 self.reserved_mu[request.request_id] = reserved_mu
             self.shard_of[request.request_id] = shard
         output = self._outputs.get(request.request_id, 1)
-        inputs = -(-len(request.prompt_text()) // 4)
+        inputs = self._estimator.count_input_tokens(request)
         mu = self._cost.model_units(inputs, output)
         worker = f"fleet-{shard % self._replicas}"
         await self._sink.send(request.reply_topic, InferenceResult(

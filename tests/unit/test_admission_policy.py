@@ -163,29 +163,17 @@ def test_sliding_sum_expires_old_buckets():
     assert window.total(NOW + 10.5) == 3
 
 
-def test_pool_reservation_always_admitted_even_when_full():
-    pool = CapacityPool(window_s=60)
-    pool.set_capacity(capacity_mu_per_min=100, reserved_mu_per_min=50)
-    for _ in range(60):  # fill the shared 50 MU
-        d = pool.decide("ppt", 0, "high", 1.0, NOW)
-        if d.admitted:
-            pool.record("ppt", d, 1.0, NOW)
-    assert not pool.decide("ppt", 0, "high", 1.0, NOW).admitted
-    reserved = pool.decide("prov", 50, "normal", 10.0, NOW)
-    assert reserved.admitted and reserved.reason == "reservation"
-
-
 def test_pool_saturated_admits_only_tenants_below_fair_share():
     pool = CapacityPool(window_s=60)
     pool.set_capacity(capacity_mu_per_min=100, reserved_mu_per_min=0)
     for _ in range(95):  # alone, the hog's fair share is the whole pool
-        d = pool.decide("hog", 0, "high", 1.0, NOW)
+        d = pool.decide("hog", "high", 1.0, NOW)
         assert d.admitted
-        pool.record("hog", d, 1.0, NOW)
-    small = pool.decide("small", 0, "high", 1.0, NOW)
+        pool.record("hog", 1.0, NOW)
+    small = pool.decide("small", "high", 1.0, NOW)
     assert small.admitted and small.reason == "fair share"
-    pool.record("small", small, 1.0, NOW)
-    hog = pool.decide("hog", 0, "high", 1.0, NOW)
+    pool.record("small", 1.0, NOW)
+    hog = pool.decide("hog", "high", 1.0, NOW)
     assert not hog.admitted and hog.retry_after_s > 0
 
 
@@ -194,11 +182,11 @@ def test_pool_low_priority_leaves_headroom_for_high():
     pool.set_capacity(capacity_mu_per_min=100, reserved_mu_per_min=0)
     for tenant in ("a", "b", "c", "d"):
         for _ in range(19):
-            d = pool.decide(tenant, 0, "low", 1.0, NOW)
-            pool.record(tenant, d, 1.0, NOW)
+            pool.decide(tenant, "low", 1.0, NOW)  # recorded even when refused: load
+            pool.record(tenant, 1.0, NOW)
     assert pool._shared.total(NOW) == 76
-    assert not pool.decide("e", 0, "low", 1.0, NOW).admitted
-    assert pool.decide("e", 0, "high", 1.0, NOW).admitted
+    assert not pool.decide("e", "low", 1.0, NOW).admitted
+    assert pool.decide("e", "high", 1.0, NOW).admitted
 
 
 # -- router ---------------------------------------------------------------------
@@ -347,3 +335,25 @@ def test_controller_unknown_tenant_without_default_is_rejected():
     ctl = controller(default_tenant=None)
     d = ctl.admit(None, None, make_request(tenant="stranger"), 0, NOW)
     assert isinstance(d, Reject) and d.rejection.reason == "unauthenticated"
+
+
+def test_controller_provisioned_within_reservation_admitted_while_shared_pool_full():
+    prov = make_tenant(plan="provisioned", limit_mu_per_min=100.0, burst_mu=10.0,
+                       reservation_mu_per_min=50.0)
+    ctl = controller(tenants={"acme": make_tenant(limit_mu_per_min=1e6, burst_mu=1e6),
+                              "prov": prov})
+    ctl.observe_heartbeat(make_heartbeat(sent_at=NOW, capacity_mu_per_min=60.0), NOW)
+    state, i = None, 0
+    while True:  # acme fills the 10 MU/min the reservation leaves to the shared pool
+        d = ctl.admit(state, None, make_request(request_id=f"a{i}", max_tokens=100), i, NOW)
+        i += 1
+        if isinstance(d, Reject):
+            assert d.rejection.reason == "over_capacity"
+            break
+        state = d.state
+    prov_state = None
+    for j in range(5):
+        d = ctl.admit(prov_state, None, make_request(request_id=f"p{j}", tenant="prov",
+                                                     max_tokens=100), j, NOW)
+        assert isinstance(d, Admit), d
+        prov_state = d.state
