@@ -8,11 +8,13 @@ probe never waits behind request work (DESIGN.md, "Health").
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Container
 from typing import Annotated, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.events import InferenceRequest, Priority
+from workers import EngineError
 
 
 class Generation(BaseModel):
@@ -74,3 +76,16 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release the engine; requests still held fail with :class:`workers.EngineError`."""
         ...
+
+
+async def enter_engine(request_id: str, held: Container[str], check_usable: Callable[[], None],
+                       start: Callable[[], Awaitable[None]]) -> None:
+    """The common door of ``generate``: refuse a closed or failed engine and a request id it
+    already holds, start the engine if need be, then look again, since it may have closed,
+    or the same id arrived, while it started."""
+    for starting in (True, False):
+        check_usable()
+        if request_id in held:
+            raise EngineError(f"request {request_id!r} is already held by the engine")
+        if starting:
+            await start()

@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from schemas.events import InferenceRequest
 from workers import EngineError
-from workers.engines.base import EngineState, EngineStats, Generation
+from workers.engines.base import EngineState, EngineStats, Generation, enter_engine
 
 if TYPE_CHECKING:
     import torch
@@ -186,14 +186,8 @@ class TransformersEngine:
 
     # -- Engine ----------------------------------------------------------------
     async def generate(self, request: InferenceRequest, *, priority: int = 0) -> Generation:
-        self._check_usable()
         rid = request.request_id
-        if rid in self._jobs:
-            raise EngineError(f"request {rid!r} is already held by the engine")
-        await self._ensure_loaded()
-        self._check_usable()  # closed while loading
-        if rid in self._jobs:  # the same id arrived while we loaded
-            raise EngineError(f"request {rid!r} is already held by the engine")
+        await enter_engine(rid, self._jobs, self._check_usable, self._ensure_loaded)
         prompt_ids = self._encode(request)
         loop = asyncio.get_running_loop()
         sampling = request.sampling

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from schemas.events import InferenceRequest
 from workers import EngineError
-from workers.engines.base import EngineState, EngineStats, Generation
+from workers.engines.base import EngineState, EngineStats, Generation, enter_engine
 
 log = logging.getLogger(__name__)
 
@@ -238,14 +238,8 @@ class VllmEngine:
 
     # -- Engine ----------------------------------------------------------------
     async def generate(self, request: InferenceRequest, *, priority: int = 0) -> Generation:
-        self._check_usable()
         rid = request.request_id
-        if rid in self._held:
-            raise EngineError(f"request {rid!r} is already held by the engine")
-        await self._ensure_started()
-        self._check_usable()
-        if rid in self._held:
-            raise EngineError(f"request {rid!r} is already held by the engine")
+        await enter_engine(rid, self._held, self._check_usable, self._ensure_started)
         prompt_ids = self._encode(request)
         params = self._sampling_cls(**sampling_kwargs(
             request, engine_seed=self._seed, eos_token_ids=self._eos,
