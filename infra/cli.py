@@ -389,9 +389,6 @@ def demo(n_requests: int, keep_running: bool) -> None:
 
 
 
-if __name__ == "__main__":
-    main()
-
 
 @main.command()
 @click.option("--trace", "trace_path", type=click.Path(path_type=Path, exists=True),
@@ -426,3 +423,7 @@ def simulate(trace_path: Path, policy: str, plot_path: Path,
     _say(table(results, cfg))
     plot(work, results, cfg, str(plot_path))
     _say(f"plot: {plot_path}")
+
+
+if __name__ == "__main__":
+    main()

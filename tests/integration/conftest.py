@@ -4,6 +4,7 @@ started through tokenweir's own infra code on test ports, stopped at the end."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,8 @@ from streams.client import TokenweirClient
 from tests.builders import SECRET, make_request
 
 KCAT = shutil.which("kcat") or shutil.which("kafkacat")
+# Several suites may run at once on one machine: each picks its own ports.
+PORT_BASE = int(os.environ.get("TOKENWEIR_TEST_PORT_BASE", "19000"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -54,8 +57,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     (state / "control.toml").write_text(CONTROL_CONFIG)
     return Settings(
         state_dir=state, control_config=state / "control.toml",
-        kafka_port=19092, kafka_controller_port=19093,
-        clickhouse_server=True, clickhouse_port=19000,
+        kafka_port=PORT_BASE + 92, kafka_controller_port=PORT_BASE + 93,
+        clickhouse_server=True, clickhouse_port=PORT_BASE,
         tenant_partitions=4, shard_partitions=2, reply_partitions=2,
     )
 
