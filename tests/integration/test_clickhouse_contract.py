@@ -8,7 +8,7 @@ from datetime import datetime
 
 import pytest
 
-from infra.clickhouse.migrate import migrate
+from infra.clickhouse.migrate import load, migrate
 from infra.clickhouse.store import ChdbStore, ClickHouseError, ClickHouseStore, ServerStore
 
 _db_ids = itertools.count()
@@ -44,12 +44,15 @@ def database() -> str:
 async def test_migrations_apply_once_then_report_applied(store, database):
     first = await migrate(store, database)
     second = await migrate(store, database)
-    assert first.applied == ["0001_usage", "0002_operations"] and first.already == []
+    assert first.applied == [f"{m.version:04d}_{m.name}" for m in load()]
+    assert first.applied[:3] == ["0001_usage", "0002_operations", "0003_minute_rollups"]
+    assert first.already == []
     assert second.applied == [] and second.already == first.applied
     tables = await store.query(f"SELECT name FROM system.tables WHERE database = '{database}' "
                                "ORDER BY name")
-    assert [t[0] for t in tables] == ["alerts", "health_events", "request_results",
-                                      "scale_decisions", "schema_migrations", "usage_events"]
+    assert {"alerts", "health_events", "request_results", "scale_decisions",
+            "schema_migrations", "usage_events", "usage_minute", "results_minute",
+            } <= {t[0] for t in tables}
 
 
 async def test_usage_redelivered_event_counts_once(store, database):
