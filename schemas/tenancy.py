@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -69,6 +69,9 @@ class ControlPlaneConfig(BaseModel):
     # Applies to tenants not listed (pay-per-token); None rejects unknown tenants.
     default_tenant: TenantConfig | None = TenantConfig()
     keys: dict[str, ApiKey] = {}
+    # [scaling]: the autoscaler's settings, validated by agents.autoscaler.AutoscalerConfig
+    # when the autoscaler loads them (schemas does not depend on agents).
+    scaling: dict[str, Any] = {}
 
     def tenant(self, name: str) -> TenantConfig | None:
         return self.tenants.get(name, self.default_tenant)

@@ -18,6 +18,7 @@ ALERTS = "tw.alerts"
 DLQ = "tw.dlq"
 CONFIG = "tw.config"
 METERING = "tw.metering"
+DEMAND = "tw.demand"  # the autoscaler's DemandWindows (agents.autoscaler)
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -71,6 +72,9 @@ def registry(settings: Settings) -> list[TopicSpec]:
                   value="WorkerHeartbeat"),
         TopicSpec(name=SCALE, partitions=1, key="model", retention_ms=7 * DAY_MS,
                   value="ScaleDecision"),
+        # One partition: the decide step replays one ordered log to rebuild its state.
+        TopicSpec(name=DEMAND, partitions=1, key="model", retention_ms=DAY_MS,
+                  value="DemandWindow (agents.scaling)"),
         TopicSpec(name=HEALTH, partitions=1, key="worker", retention_ms=7 * DAY_MS,
                   value="HealthEvent"),
         TopicSpec(name=ALERTS, partitions=1, key="rule/subject", retention_ms=30 * DAY_MS,

@@ -1,0 +1,1 @@
+"""Actuators: consume ScaleDecisions on ``tw.scale`` and make the replica count so."""
