@@ -25,14 +25,28 @@ from agents.control import AdmissionController, Admit, Reject, Settle
 from agents.limiter import Reservation, TenantState
 from schemas.config import Settings
 from schemas.errors import ConfigError
-from schemas.events import InferenceRequest, TenantUsage, UsageEvent, WorkerHeartbeat
+from schemas.events import (
+    HealthEvent,
+    InferenceRequest,
+    TenantUsage,
+    UsageEvent,
+    WorkerHeartbeat,
+)
 from schemas.tenancy import ControlPlaneConfig, TenantConfig, load_config
 from streams import DecodeError
 from streams.app import FaustEventSink, consume_in_batches, raw_topic
 from streams.codec import decode
 from streams.deadletter import decode_or_dead_letter
 from streams.sink import EventSink
-from streams.topics import HEARTBEATS, METERING, REQUESTS, RESERVED_MU_HEADER, TENANT_TABLE, USAGE
+from streams.topics import (
+    HEALTH,
+    HEARTBEATS,
+    METERING,
+    REQUESTS,
+    RESERVED_MU_HEADER,
+    TENANT_TABLE,
+    USAGE,
+)
 
 log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
@@ -40,6 +54,7 @@ _T = TypeVar("_T")
 _REQUEST: TypeAdapter[InferenceRequest] = TypeAdapter(InferenceRequest)
 _USAGE: TypeAdapter[UsageEvent] = TypeAdapter(UsageEvent)
 _BEAT: TypeAdapter[WorkerHeartbeat] = TypeAdapter(WorkerHeartbeat)
+_HEALTH: TypeAdapter[HealthEvent] = TypeAdapter(HealthEvent)
 
 
 class ConfigWatcher:
@@ -216,6 +231,10 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
     async def heartbeats() -> None:
         await follow_heartbeats(settings.bootstrap, ctl)
 
+    @app.task
+    async def health() -> None:
+        await follow_health(settings.bootstrap, ctl)
+
     @app.timer(interval=2.0)
     async def reload_config() -> None:
         config = watcher.poll()
@@ -249,6 +268,34 @@ def snapshot(tenant: str, state: TenantState, config: TenantConfig, now: float) 
                         for m in state.metered},
         mu_last_10s={m: windows.hopping_10s(state.metered, m, now) for m in state.metered},
         at=now)
+
+
+async def follow_health(bootstrap: str, ctl: AdmissionController) -> None:
+    """Keep the router off the shards of workers the health agent judged unhealthy.
+
+    Beats alone cannot tell: a worker beats from a thread of its own, so a hung
+    one still beats on time. The verdict is the health agent's (one place, one
+    set of thresholds); the whole topic is read, transitions being rare, so that
+    a restarted router knows every worker's latest state.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(HEALTH, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        while True:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    try:
+                        event = decode(record.value, _HEALTH)
+                    except DecodeError as exc:
+                        log.warning("undecodable health event at offset %d: %s",
+                                    record.offset, exc.reason)
+                        continue
+                    ctl.router.exclude(event.worker, event.state == "unhealthy")
+    finally:
+        await consumer.stop()
 
 
 async def follow_heartbeats(bootstrap: str, ctl: AdmissionController,

@@ -44,13 +44,25 @@ elsewhere is forgotten (its requests still answer, uncommitted, and the new
 owner redoes them). A record whose request id this worker already runs waits
 for that run's answer instead of running twice.
 
-Heartbeats
-----------
-Every ``heartbeat_s`` from a task of their own that never waits on a flush
-or a commit (the committer flushes beats too): the shards owned, requests
-held (``in_flight``: running or queued in the engine) and their MU,
-``queued`` (held but waiting inside the engine), output tokens the engine
-generated since the previous beat, engine state and capacity.
+Heartbeats and probes
+---------------------
+Sent by a :class:`workers.health.HealthMonitor` from a thread of its own,
+with its own event loop and producer, so that request work on this loop
+cannot delay them (see :mod:`workers.health`). Every ``heartbeat_s`` this
+loop hands it a snapshot: the shards owned, requests held (``in_flight``:
+preprocessing, running or queued in the engine) and their MU, ``queued``
+(held but waiting inside the engine), the engine's token count, engine state
+and capacity. When no request finished for a while the monitor sends a
+one-token probe through the engine at the highest priority; its outcome rides
+on the beats.
+
+Images
+------
+With an :class:`workers.preprocess.ImagePreprocessor`, a request's images
+are decoded and preprocessed on its process pool before the request enters
+the engine (a bad image gets an error result). The engines take no pixel
+values yet: the pool does the CPU work a multimodal worker does, and the
+engine is still priced per image by the cost model.
 
 Drain (SIGTERM)
 ---------------
@@ -70,8 +82,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import Collection
-from typing import Literal, Protocol, TypeAlias
+from collections.abc import AsyncIterator, Collection
+from typing import Protocol, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
@@ -82,22 +94,29 @@ from schemas.cost import CostModel
 from schemas.events import (
     InferenceRequest,
     InferenceResult,
+    SamplingParams,
     Timings,
     Usage,
     UsageEvent,
-    WorkerHeartbeat,
 )
 from streams.deadletter import decode_or_dead_letter
-from streams.sink import EventSink
-from streams.topics import HEARTBEATS, RESERVED_MU_HEADER, USAGE, shard_topic
+from streams.sink import EventSink, KafkaEventSink
+from streams.topics import RESERVED_MU_HEADER, USAGE, shard_topic
 from workers import EngineError, WorkersError
 from workers.engines.base import REQUEST_PRIORITY, Engine, Generation
+from workers.health import (
+    BeatSinkFactory,
+    HealthMonitor,
+    Snapshot,
+    WorkerHealthConfig,
+    WorkerState,
+)
+from workers.preprocess import ImagePreprocessor, PreprocessError
 
 log = logging.getLogger(__name__)
 _REQUEST: TypeAdapter[InferenceRequest] = TypeAdapter(InferenceRequest)
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
-WorkerState = Literal["starting", "ready", "draining", "failed"]
 
 # Rough prompt size when admission sent no reservation: the same rule of
 # thumb as the admission estimator without a tokenizer.
@@ -105,6 +124,7 @@ _CHARS_PER_TOKEN = 4
 _POLL_MS = 100  # longest a fetch waits for records when the gate has room
 _FULL_WAIT_S = 1.0  # longest a full gate waits for a slot before polling again
 _COMMIT_TIMEOUT_S = 10.0  # aiokafka retries a commit forever while the coordinator is away
+_PROBE_TENANT = "tokenweir-probe"
 
 
 def default_worker_id(model: str) -> str:
@@ -292,11 +312,24 @@ class ShardWorker:
         drain_timeout_s: float = 30.0,
         commit_interval_s: float = 0.1,
         consumer: ShardConsumer | None = None,
+        health: WorkerHealthConfig | None = None,
+        beat_sink: BeatSinkFactory | None = None,
+        session_timeout_s: float = 10.0,
+        preprocessor: ImagePreprocessor | None = None,
     ) -> None:
         """``max_batch``: the engine's batch size; ``max_in_flight`` (default twice that)
-        and ``mu_horizon_s`` size the :class:`CapacityGate` (see the module doc)."""
+        and ``mu_horizon_s`` size the :class:`CapacityGate` (see the module doc).
+
+        ``health``: probes and endpoint (its ``heartbeat_s`` gives way to the argument);
+        ``beat_sink``: opens the heartbeat sink on the health thread, by default a
+        producer of its own for a :class:`KafkaEventSink` and ``sink`` itself for an
+        in-memory one. ``session_timeout_s``: how long the group waits for a member
+        that stopped heartbeating to Kafka (a killed worker) before moving its shards.
+        """
         if drain_timeout_s < 0:
             raise WorkersError(f"drain_timeout_s must not be negative, not {drain_timeout_s}")
+        if not 1.0 <= session_timeout_s <= 300.0:
+            raise WorkersError(f"session_timeout_s must be in [1, 300], not {session_timeout_s}")
         self.model = model
         self.worker_id = worker_id or default_worker_id(model)
         self._engine = engine
@@ -317,7 +350,15 @@ class ShardWorker:
             client_id=self.worker_id,
             max_partition_fetch_bytes=16 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
+            session_timeout_ms=int(session_timeout_s * 1000),
+            heartbeat_interval_ms=max(100, int(session_timeout_s * 1000 / 3)),
         )
+        self._preprocessor = preprocessor
+        self._health = HealthMonitor(
+            worker_id=self.worker_id, model=model, engine=engine.name,
+            config=(health or WorkerHealthConfig()).model_copy(update={"heartbeat_s": heartbeat_s}),
+            beat_sink=beat_sink or self._default_beat_sink(bootstrap, sink),
+            probe=self._probe, initial=self._snapshot("starting"))
         self._state: WorkerState = "starting"
         self._tasks: set[asyncio.Task[bool]] = set()
         self._by_id: dict[str, asyncio.Task[bool]] = {}  # request id -> the task running it
@@ -327,8 +368,7 @@ class ShardWorker:
         self._slot_freed = asyncio.Event()  # the gate has room again
         self._commit_lock = asyncio.Lock()
         self._abandoning = False  # draining past the deadline: aborted requests go unanswered
-        self._tokens_at_beat: int | None = None
-        self._seq = 0
+        self._probes = 0
         self.completed = 0  # requests answered by this worker (ok or error)
         self.abandoned = 0  # requests aborted by the drain, left for another worker
 
@@ -337,8 +377,9 @@ class ShardWorker:
         """Serve until ``stop`` is set, then drain (see the module doc) and leave the group."""
         self._consumer.subscribe([shard_topic(self.model)], listener=_Rebalance(self))
         await self._consumer.start()
-        self._tokens_at_beat = self._engine.stats().tokens_generated
-        helpers = [asyncio.create_task(self._beat_forever(), name="worker-heartbeats"),
+        self._health.update(self._snapshot())
+        await self._health.start()
+        helpers = [asyncio.create_task(self._snapshot_forever(), name="worker-snapshots"),
                    asyncio.create_task(self._commit_forever(), name="worker-commits")]
         try:
             self._state = "ready"
@@ -350,6 +391,7 @@ class ShardWorker:
             await asyncio.gather(*helpers, return_exceptions=True)
             # Left here by an error: whatever still runs is abandoned uncommitted.
             await self._abandon()
+            await self._health.stop()
             await self._consumer.stop()  # leaves the group; shards move to others
 
     async def _fetch_until(self, stop: asyncio.Event, helpers: list[asyncio.Task[None]]) -> None:
@@ -459,13 +501,17 @@ class ShardWorker:
         """Run the request and send its result and usage; False when the drain abandoned it."""
         started = time.time()
         try:
+            if request.images and self._preprocessor is not None:
+                # On the pool's processes: this loop (and the engine) only awaits it.
+                await self._preprocessor.process(request.images)
             generation = await self._engine.generate(
                 request, priority=REQUEST_PRIORITY[request.priority])
-        except EngineError as exc:
+        except (EngineError, PreprocessError) as exc:
             await self._send_error(request, shard, exc, started)
             return True
         if generation.finish_reason == "abort" and self._abandoning:
             return False
+        self._health.request_finished()
         await self._send_result(request, shard, generation, started)
         return True
 
@@ -496,7 +542,7 @@ class ShardWorker:
             worker=self.worker_id, shard=shard, finished_at=done,
         ), key=request.tenant)
 
-    async def _send_error(self, request: InferenceRequest, shard: int, exc: EngineError,
+    async def _send_error(self, request: InferenceRequest, shard: int, exc: WorkersError,
                           started: float) -> None:
         done = time.time()
         self.completed += 1
@@ -516,8 +562,8 @@ class ShardWorker:
     # -- commits ---------------------------------------------------------------------
     async def _commit_forever(self) -> None:
         while True:
-            # Woken by a finished request, else once a beat: the heartbeats sent
-            # meanwhile are flushed here too, so a failing producer shows up idle or not.
+            # Woken by a finished request, else once a beat interval: what was sent
+            # meanwhile is flushed here, so a failing producer shows up idle or not.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._heartbeat_s):
                     await self._finished.wait()
@@ -578,7 +624,7 @@ class ShardWorker:
                      len(self._tasks), self._drain_timeout_s)
             await asyncio.wait(set(self._tasks), timeout=self._drain_timeout_s)
         await self._abandon()
-        await self._send_beat()
+        await self._health.beat_now(self._snapshot())
         await self._commit_finished()
 
     async def _abandon(self) -> None:
@@ -597,32 +643,54 @@ class ShardWorker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    # -- heartbeats --------------------------------------------------------------------
-    async def _beat_forever(self) -> None:
-        # Never waits on a flush or a commit (the committer flushes beats too): a
-        # beat goes out on time whatever the requests and the broker are doing.
+    # -- heartbeats and probes ----------------------------------------------------------
+    def _default_beat_sink(self, bootstrap: str, sink: EventSink) -> BeatSinkFactory:
+        if isinstance(sink, KafkaEventSink):
+            @contextlib.asynccontextmanager
+            async def own_producer() -> AsyncIterator[EventSink]:
+                # Its own: an aiokafka producer belongs to the loop that started it.
+                beats = KafkaEventSink(bootstrap, client_id=f"{self.worker_id}.health")
+                await beats.start()
+                try:
+                    yield beats
+                finally:
+                    await beats.stop()
+            return own_producer
+        # In-memory sinks belong to no loop: the beats go where the results go.
+        return lambda: contextlib.nullcontext(sink)
+
+    async def _snapshot_forever(self) -> None:
+        # Never waits on a flush or a commit: a snapshot that stops coming means this
+        # loop is stuck, which the health thread reports.
         while True:
-            await self._send_beat()
+            self._health.update(self._snapshot())
             await asyncio.sleep(self._heartbeat_s)
 
-    def _heartbeat(self) -> WorkerHeartbeat:
-        """The next beat; counts tokens from the previous one."""
+    def _snapshot(self, state: WorkerState | None = None) -> Snapshot:
         stats = self._engine.stats()
-        previous = self._tokens_at_beat
-        self._tokens_at_beat = stats.tokens_generated
-        tokens = 0 if previous is None else max(0, stats.tokens_generated - previous)
-        state: WorkerState = self._state
+        state = state or self._state
         if stats.state in ("failed", "closed"):
             state = "failed"
-        elif stats.state == "starting" and self._state == "ready":
+        elif stats.state == "starting" and state == "ready":
             state = "starting"  # loading weights on first use
-        self._seq += 1
-        shards = sorted(tp.partition for tp in self._consumer.assignment())
-        return WorkerHeartbeat(
-            worker=self.worker_id, model=self.model, engine=self._engine.name, seq=self._seq,
-            shards=shards, engine_state=state, in_flight=self._gate.in_flight,
-            in_flight_mu=self._gate.in_flight_mu, queued=min(stats.waiting, self._gate.in_flight),
-            capacity_mu_per_min=self._cost.capacity_mu_per_min, tokens_since_last=tokens)
+        assigned = self._consumer.assignment() if state != "starting" else set()
+        return Snapshot(
+            taken_at=time.monotonic(), state=state,
+            shards=tuple(sorted(tp.partition for tp in assigned)),
+            in_flight=self._gate.in_flight, in_flight_mu=self._gate.in_flight_mu,
+            queued=min(stats.waiting, self._gate.in_flight),
+            tokens_generated=stats.tokens_generated,
+            capacity_mu_per_min=self._cost.capacity_mu_per_min)
 
-    async def _send_beat(self) -> None:
-        await self._sink.send(HEARTBEATS, self._heartbeat(), key=self.worker_id)
+    async def _probe(self) -> Generation:
+        """One minimal request through the engine, ahead of every request (see health)."""
+        self._probes += 1
+        probe = InferenceRequest(
+            request_id=f"probe-{os.getpid()}-{self._probes}", tenant=_PROBE_TENANT,
+            model=self.model, prompt="ping", max_tokens=1,
+            sampling=SamplingParams(temperature=0.0))
+        return await self._engine.generate(probe, priority=self._health.config.probe_priority)
+
+    @property
+    def health(self) -> HealthMonitor:
+        return self._health

@@ -44,9 +44,12 @@ earlier end of sequence ("stop").
 
 Faults (:class:`SimFaults`, at construction or at any time by :meth:`SimEngine.inject`):
 a silent hang (no step ever finishes again, ``health()`` stays True and only
-the frozen ``tokens_generated`` gives it away), a crash (every held and later
-request fails with :class:`workers.EngineError`, ``health()`` is False) and a
-slowdown factor on every step.
+the frozen ``tokens_generated`` gives it away), after a number of completions,
+``hang_after_s`` wall seconds after the engine started, or now
+(:meth:`SimEngine.hang_now`); a crash (every held and later request fails
+with :class:`workers.EngineError`, ``health()`` is False) and a slowdown
+factor on every step. :func:`parse_faults` reads them from the worker's
+``--fault`` option.
 """
 
 from __future__ import annotations
@@ -96,6 +99,30 @@ class SimFaults(BaseModel):
     crash_after_requests: Annotated[int, Field(ge=0)] | None = None
     slowdown: Annotated[float, Field(gt=0)] = 1.0  # step-time multiplier
     slowdown_after_requests: Annotated[int, Field(ge=0)] = 0
+    # Wall seconds after the engine starts (its first request) at which it hangs silently.
+    hang_after_s: Annotated[float, Field(ge=0)] | None = None
+
+
+_FAULT_KEYS = {"hang-after": "hang_after_s", "hang-after-requests": "hang_after_requests",
+               "crash-after-requests": "crash_after_requests", "slowdown": "slowdown",
+               "slowdown-after-requests": "slowdown_after_requests"}
+
+
+def parse_faults(spec: str) -> SimFaults:
+    """``"hang-after:30"``, ``"slowdown:2,slowdown-after-requests:10"``...: comma-separated
+    ``name:value`` pairs, names those of :class:`SimFaults` with dashes (``hang-after`` is
+    ``hang_after_s``). Raises :class:`workers.EngineError`."""
+    fields: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = part.partition(":")
+        if not sep or name not in _FAULT_KEYS:
+            raise EngineError(f"fault {part!r}: use NAME:VALUE with NAME one of "
+                              f"{', '.join(_FAULT_KEYS)}")
+        fields[_FAULT_KEYS[name]] = value
+    try:
+        return SimFaults.model_validate(fields, strict=False)
+    except ValueError as exc:
+        raise EngineError(f"fault {spec!r}: {exc}") from exc
 
 
 @dataclass(eq=False)
@@ -418,6 +445,12 @@ class SimEngine:
         self._fail_all("sim engine closed")
 
     # -- faults ----------------------------------------------------------------
+    def hang_now(self) -> None:
+        """Hang silently from the next step boundary: requests in flight stall, probes too."""
+        log.warning("sim engine: silent hang injected")
+        self.inject(self._core.faults.model_copy(
+            update={"hang_after_requests": self._core.requests_completed, "hang_after_s": None}))
+
     def inject(self, faults: SimFaults) -> None:
         """Replace the active faults (``SimFaults()`` clears them; a hang resumes)."""
         if self._task is not None and self._core.hung:
@@ -431,6 +464,8 @@ class SimEngine:
         if self._task is None:
             self._anchor_wall, self._anchor_sim = loop.time(), self._core.now
             self._task = loop.create_task(self._run(), name="sim-engine")
+            if self._core.faults.hang_after_s is not None:
+                loop.call_later(self._core.faults.hang_after_s, self.hang_now)
 
     async def _run(self) -> None:
         try:
