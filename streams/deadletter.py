@@ -32,17 +32,33 @@ async def decode_or_dead_letter(
     try:
         return decode(raw, adapter)
     except DecodeError as exc:
-        await sink.send(
-            DLQ,
-            DeadLetter(
-                raw=(raw or b"")[:MAX_DEAD_RAW],
-                key=key[: 64 * 1024] if key else None,
-                reason=exc.reason[:4096],
-                origin_topic=topic,
-                origin_partition=partition,
-                origin_offset=offset,
-                consumer=consumer,
-            ),
-            key=topic,
-        )
+        await send_dead_letter(sink, raw=raw, key=key, reason=exc.reason, topic=topic,
+                               partition=partition, offset=offset, consumer=consumer)
         return None
+
+
+async def send_dead_letter(
+    sink: EventSink,
+    *,
+    raw: bytes | None,
+    key: bytes | None,
+    reason: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    consumer: str,
+) -> None:
+    """Send a record already found unusable (``reason`` says why) to ``tw.dlq``."""
+    await sink.send(
+        DLQ,
+        DeadLetter(
+            raw=(raw or b"")[:MAX_DEAD_RAW],
+            key=key[: 64 * 1024] if key else None,
+            reason=reason[:4096],
+            origin_topic=topic,
+            origin_partition=partition,
+            origin_offset=offset,
+            consumer=consumer,
+        ),
+        key=topic,
+    )

@@ -7,6 +7,7 @@ blocking client on one dedicated thread (neither client is thread-safe).
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -100,21 +101,42 @@ class ChdbStore:
     async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
         if not rows:
             return
-        lines = "\n".join(
-            json.dumps(dict(zip(columns, (_jsonable(v) for v in row), strict=True)))
-            for row in rows
-        )
-        sql = f"INSERT INTO {table} ({', '.join(columns)}) FORMAT JSONEachRow\n{lines}"
-        await self._thread.call(lambda: self._run(sql, "TabSeparated"))
+        await self._thread.call(lambda: self._insert_columns(table, columns, rows))
+
+    def _insert_columns(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
+        # Columnar through Arrow: no text to write or parse, and building the arrays is
+        # C code (several times cheaper than serialising the rows to JSON).
+        import pyarrow as pa
+
+        try:
+            arrays = [_arrow_column(pa, col) for col in zip(*rows, strict=True)]
+            tw_insert_rows = pa.Table.from_arrays(arrays, names=list(columns))  # noqa: F841
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+            raise ClickHouseError(f"chDB insert into {table}: {exc}") from exc
+        names = ", ".join(f"`{c}`" for c in columns)
+        # chDB's Python() table function finds the Arrow table by its variable name
+        # among the caller's locals: the query must be sent from this frame.
+        sql = f"INSERT INTO {table} ({names}) SELECT {names} FROM Python(tw_insert_rows)"
+        try:
+            self._session().query(sql, "TabSeparated")
+        except Exception as exc:  # chDB raises plain RuntimeError for SQL errors
+            raise ClickHouseError(f"chDB: {exc}") from exc
 
     async def close(self) -> None:
         self._thread.shutdown()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return _datetime(value).strftime("%Y-%m-%d %H:%M:%S")
-    return value
+def _arrow_column(pa: Any, column: Sequence[Any]) -> Any:
+    """An Arrow array of ``column``; datetimes (naive ones are UTC) as epoch seconds."""
+    try:
+        array = pa.array(column)
+    except (pa.ArrowException, TypeError):  # datetimes mixed with epoch numbers
+        array = None
+    if array is None or pa.types.is_timestamp(array.type):
+        # Converted here, not by Arrow, so that no time zone setting can shift them.
+        array = pa.array([calendar.timegm(_datetime(v).timetuple())
+                          if isinstance(v, datetime) else v for v in column])
+    return array
 
 
 def _converter(ch_type: str) -> Callable[[Any], Any]:
@@ -154,12 +176,12 @@ class ServerStore:
                                   send_receive_timeout=60, settings={"use_numpy": False})
         return self._client
 
-    def _run(self, sql: str, params: Any = None) -> Any:
+    def _run(self, sql: str, params: Any = None, *, columnar: bool = False) -> Any:
         from clickhouse_driver import errors as ch_errors
 
         try:
-            return self._connected().execute(sql, params) if params is not None else \
-                self._connected().execute(sql)
+            return self._connected().execute(sql, params, columnar=columnar) \
+                if params is not None else self._connected().execute(sql)
         except (ch_errors.Error, OSError, EOFError) as exc:
             if self._client is not None:
                 self._client.disconnect()
@@ -175,9 +197,13 @@ class ServerStore:
     async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
         if not rows:
             return
-        data = [tuple(_datetime(v) if isinstance(v, datetime) else v for v in r) for r in rows]
+        # Columnar: the driver skips its per-row checks and transposition (several
+        # times faster); only columns that hold datetimes are converted.
+        data = [[_datetime(v) if isinstance(v, datetime) else v for v in col]
+                if any(isinstance(v, datetime) for v in col) else list(col)
+                for col in zip(*rows, strict=True)]
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES"
-        await self._thread.call(lambda: self._run(sql, data))
+        await self._thread.call(lambda: self._run(sql, data, columnar=True))
 
     async def close(self) -> None:
         await self._thread.call(lambda: self._client and self._client.disconnect())

@@ -1,0 +1,161 @@
+"""The ClickHouse sink on real Kafka and real ClickHouse (chDB and the server):
+exact row counts, per-minute sums, duplicates, a redelivery, and a server outage."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from agents.sink import ClickHouseSink, SinkConfig
+from bench.sink_outage import outage_run, set_group_offsets
+from infra.clickhouse.migrate import migrate
+from infra.clickhouse.store import ChdbStore, ClickHouseStore, ServerStore
+from schemas.config import Settings
+from schemas.events import Alert, HealthEvent, Rejection, ScaleDecision
+from streams.codec import encode
+from streams.sink import KafkaEventSink
+from streams.topics import ALERTS, HEALTH, RESPONSES, SCALE, USAGE
+from tests.builders import make_result, make_usage
+
+_ids = itertools.count()
+TOPICS = (USAGE, RESPONSES, SCALE, HEALTH, ALERTS)
+MINUTE = 1_790_000_040.0  # epoch s at the start of a minute
+
+
+@pytest.fixture(params=["chdb", "server"])
+async def store(request, tmp_path_factory, settings, stack) -> AsyncIterator[ClickHouseStore]:
+    backend: ClickHouseStore
+    if request.param == "chdb":
+        backend = ChdbStore(Path(tmp_path_factory.getbasetemp()) / "chdb")
+    else:
+        url = settings.clickhouse_server_url
+        assert url is not None
+        backend = ServerStore(url)
+    yield backend
+    await backend.close()
+
+
+class RunningSink:
+    def __init__(self, settings: Settings, store: ClickHouseStore, database: str,
+                 group: str) -> None:
+        self.settings, self.store, self.database, self.group = settings, store, database, group
+
+    async def run_until(self, done: Callable[[ClickHouseSink], bool],
+                        timeout_s: float = 60.0) -> ClickHouseSink:
+        dlq = KafkaEventSink(self.settings.bootstrap, client_id="test-sink-dlq")
+        await dlq.start()
+        sink = ClickHouseSink(bootstrap=self.settings.bootstrap, store=self.store,
+                              database=self.database, dead_letters=dlq,
+                              config=SinkConfig(group_id=self.group, batch_max_wait_s=0.2))
+        stop = asyncio.Event()
+        task = asyncio.create_task(sink.run(stop))
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not done(sink):
+                    if task.done():
+                        task.result()
+                    await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await task
+            await dlq.stop()
+        return sink
+
+
+async def produce(bootstrap: str, records: list[tuple[str, bytes]]) -> None:
+    producer = KafkaEventSink(bootstrap, client_id="test-sink-producer")
+    await producer.start()
+    try:
+        for topic, value in records:
+            await producer.send(topic, value, key=b"k")
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def traffic(tag: str) -> tuple[list[tuple[str, bytes]], dict[str, int]]:
+    """Every kind of record, with duplicates and one bad record; and the rows expected."""
+    usage = [encode(make_usage(request_id=f"{tag}-u{i}", tenant="acme" if i % 2 else "globex",
+                               input_tokens=10 * i, output_tokens=i, model_units=0.25 * i,
+                               finished_at=MINUTE + i)) for i in range(40)]
+    results = [encode(make_result(request_id=f"{tag}-r{i}", completed_at=MINUTE + i))
+               for i in range(10)]
+    rejections = [encode(Rejection(request_id=f"{tag}-x{i}", tenant="acme", model="tiny-llama",
+                                   reason="rate_limited", rejected_at=MINUTE)) for i in range(5)]
+    scale = [encode(ScaleDecision(decision_id=f"{tag}-d{i}", model="tiny-llama", current=1,
+                                  desired=2, reason="up", decided_at=MINUTE)) for i in range(3)]
+    health = [encode(HealthEvent(event_id=f"{tag}-h{i}", worker="w-1", model="tiny-llama",
+                                 previous="healthy", state="suspect", reason="late",
+                                 at=MINUTE)) for i in range(2)]
+    alerts = [encode(Alert(alert_id=f"{tag}-a{i}", rule="lag", subject="sink",
+                           severity="warning", message="lagging", value=3.0, fired_at=MINUTE))
+              for i in range(2)]
+    records = ([(USAGE, v) for v in usage] + [(USAGE, usage[3]), (USAGE, usage[7])]  # dups
+               + [(RESPONSES, v) for v in results + rejections] + [(RESPONSES, results[0])]
+               + [(SCALE, v) for v in scale + scale[:1]] + [(HEALTH, v) for v in health]
+               + [(ALERTS, v) for v in alerts + alerts] + [(USAGE, b'{"not": "usage"}')])
+    expected = {"usage_events": 40, "request_results": 15, "scale_decisions": 3,
+                "health_events": 2, "alerts": 2}
+    return records, expected
+
+
+async def counts(store: ClickHouseStore, database: str) -> dict[str, tuple[int, int]]:
+    out = {}
+    for table, key in (("usage_events", "request_id"), ("request_results", "request_id"),
+                       ("scale_decisions", "decision_id"), ("health_events", "event_id"),
+                       ("alerts", "alert_id")):
+        [(rows, distinct)] = await store.query(
+            f"SELECT count(), uniqExact({key}) FROM {database}.{table}")
+        out[table] = (int(rows), int(distinct))
+    return out
+
+
+async def test_sink_writes_every_topic_exactly_once_and_survives_redelivery(
+        store, settings, stack):
+    n = next(_ids)
+    database, group, tag = f"tw_sink_{n}", f"test-sink-{store.backend}-{n}", f"s{n}"
+    await migrate(store, database)
+    start = await set_group_offsets(settings.bootstrap, group, TOPICS)
+    records, expected = traffic(tag)
+    await produce(settings.bootstrap, records)
+    runner = RunningSink(settings, store, database, group)
+
+    first = await runner.run_until(lambda s: s.counters.committed >= len(records))
+    assert first.counters.dead_lettered == 1
+    assert first.counters.duplicates == len(records) - 1 - sum(expected.values())
+    assert await counts(store, database) == {t: (n, n) for t, n in expected.items()}
+    [(requests, input_tokens, mu)] = await store.query(
+        f"SELECT sum(requests), sum(input_tokens), sum(model_units) "
+        f"FROM {database}.usage_minute")
+    assert (requests, input_tokens, mu) == (40, 10 * sum(range(40)), 0.25 * sum(range(40)))
+    [(replies, ok, rejected)] = await store.query(
+        f"SELECT sum(replies), sum(ok), sum(rejected) FROM {database}.results_minute")
+    assert (replies, ok, rejected) == (15, 10, 5)
+
+    # A crash after the insert and before the commit: the group reads it all again.
+    await set_group_offsets(settings.bootstrap, group, TOPICS,
+                            {tp: o for tp, o in start.items() if tp.topic in TOPICS})
+    again = await runner.run_until(lambda s: s.counters.committed >= len(records))
+    assert again.counters.rows == 0
+    assert again.counters.duplicates == len(records) - 1
+    assert await counts(store, database) == {t: (n, n) for t, n in expected.items()}
+    [(requests_after,)] = await store.query(
+        f"SELECT sum(requests) FROM {database}.usage_minute")
+    assert requests_after == 40
+
+
+@pytest.mark.parametrize("outage_s", [pytest.param(10.0, id="10s")])
+async def test_sink_clickhouse_server_outage_loses_and_duplicates_nothing(
+        outage_s, settings, stack):
+    n = next(_ids)
+    result = await outage_run(settings, f"tw_sink_outage_{n}", outage_s=outage_s,
+                              before_s=3.0, after_s=3.0, rate_per_s=300.0,
+                              group=f"test-sink-outage-{n}", prefix=f"o{n}", say=print)
+    assert result["produced"] > 3000
+    assert result["retries"] >= 1
+    assert result["lost"] == 0 and result["duplicated"] == 0
+    assert result["rows"] == result["distinct"] == result["produced"]

@@ -1,0 +1,447 @@
+"""The ClickHouse sink without Kafka or ClickHouse: decoding per topic, the id windows,
+duplicate filtering, commit-after-insert, back-off and dead letters.
+
+An in-memory consumer stands in for aiokafka and :class:`MemoryStore` for ClickHouse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from pydantic import TypeAdapter
+
+from agents import AgentsError
+from agents.sink import ClickHouseSink, SinkConfig
+from agents.sink_rows import (
+    NO_SHARD,
+    IdWindow,
+    TopicDecoder,
+    fresh_rows,
+)
+from infra.clickhouse.memory import MemoryStore
+from schemas.events import Alert, DeadLetter, HealthEvent, Rejection, ScaleDecision
+from streams.codec import decode, encode
+from streams.sink import MemoryEventSink
+from streams.topics import ALERTS, DLQ, HEALTH, RESPONSES, SCALE, USAGE
+from tests.builders import make_result, make_usage
+
+DB = "tw"
+Record = ConsumerRecord[bytes, bytes]
+DEAD: TypeAdapter[DeadLetter] = TypeAdapter(DeadLetter)
+FAST = SinkConfig(batch_max_records=100, batch_max_wait_s=0.02, backoff_initial_s=0.01,
+                  backoff_max_s=0.04)
+
+
+# -- pure: decoding ---------------------------------------------------------------------
+
+
+def test_decode_usage_maps_every_column_with_epoch_seconds() -> None:
+    event = make_usage(request_id="u-1", cached_tokens=3, images=1, queue_s=0.5,
+                       finished_at=1_790_000_000.75)
+    batch = TopicDecoder(USAGE).decode([encode(event)])
+    assert batch.bad == {}
+    assert batch.rows == [("u-1", "acme", "tiny-llama", 10, 5, 3, 1, 0.06, "ok", 0.5, 0.0, 0.0,
+                           "w-1", 0, 1_790_000_000)]
+
+
+@pytest.mark.parametrize(("event", "expected"), [
+    pytest.param(make_result(request_id="r-ok", finish_reason="stop", worker="w-2", shard=3,
+                             completed_at=1000.0),
+                 ("r-ok", "acme", "tiny-llama", "ok", "stop", "", 0, 0, 0.0, 0.0, 0.0, 0.0,
+                  "w-2", 3, 1000), id="result"),
+    pytest.param(make_result(request_id="r-err", status="error", error="boom",
+                             completed_at=2000.0),
+                 ("r-err", "acme", "tiny-llama", "error", "", "boom", 0, 0, 0.0, 0.0, 0.0, 0.0,
+                  "", NO_SHARD, 2000), id="error-without-worker"),
+    pytest.param(Rejection(request_id="r-no", tenant="acme", model="tiny-llama",
+                           reason="rate_limited", rejected_at=3000.9),
+                 ("r-no", "acme", "tiny-llama", "rejected", "", "rate_limited", 0, 0, 0.0, 0.0,
+                  0.0, 0.0, "", NO_SHARD, 3000), id="rejection"),
+])
+def test_decode_replies_to_request_results(event: Any, expected: tuple[Any, ...]) -> None:
+    assert TopicDecoder(RESPONSES).decode([encode(event)]).rows == [expected]
+
+
+def test_decode_scale_health_alerts() -> None:
+    scale = ScaleDecision(decision_id="d-1", model="m", current=1, desired=3, reason="up",
+                          utilisation=0.9, decided_at=10.0)
+    health = HealthEvent(event_id="h-1", worker="w-1", model="m", previous=None,
+                         state="suspect", reason="late", at=20.0)
+    alert = Alert(alert_id="a-1", rule="lag", subject="sink", severity="warning", message="m",
+                  value=None, threshold=5.0, fired_at=30.0)
+    assert TopicDecoder(SCALE).decode([encode(scale)]).rows == [
+        ("d-1", "m", 1, 3, "up", 0.0, 0.0, 0.9, 10)]
+    assert TopicDecoder(HEALTH).decode([encode(health)]).rows == [
+        ("h-1", "w-1", "m", "", "suspect", "late", 20)]
+    assert TopicDecoder(ALERTS).decode([encode(alert)]).rows == [
+        ("a-1", "lag", "sink", "warning", "m", 0.0, 5.0, 30)]
+
+
+def test_decode_batch_with_bad_records_keeps_the_good_ones() -> None:
+    good = [encode(make_usage(request_id=f"g-{i}")) for i in range(3)]
+    values: list[bytes | None] = [good[0], b'{"tenant": ', good[1], None,
+                                  encode(make_result()), good[2]]
+    batch = TopicDecoder(USAGE).decode(values)
+    assert [r[0] if r else None for r in batch.rows] == ["g-0", None, "g-1", None, None, "g-2"]
+    assert batch.bad[1].startswith("invalid JSON")
+    assert batch.bad[3] == "empty record (null value)"
+    assert "Extra inputs are not permitted" in batch.bad[4]
+
+
+def test_decode_large_batch_in_chunks_keeps_indices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agents.sink_rows.DECODE_CHUNK", 3)
+    values: list[bytes | None] = [usage(f"c-{i}") for i in range(8)]
+    values[4] = b"{"
+    batch = TopicDecoder(USAGE).decode(values)
+    assert list(batch.bad) == [4]
+    assert [r[0] if r else None for r in batch.rows] == [
+        "c-0", "c-1", "c-2", "c-3", None, "c-5", "c-6", "c-7"]
+
+
+def test_decode_records_that_only_parse_when_joined_are_bad() -> None:
+    # Each half alone is not JSON; naively joined with "," they would form two documents.
+    whole = encode(make_usage(request_id="x-1")).decode()
+    head, tail = whole[:-20], whole[-20:]
+    batch = TopicDecoder(USAGE).decode([f'{whole},{head}'.encode(), tail.encode()])
+    assert set(batch.bad) == {0, 1}
+
+
+def _usage_variant(**changes: Any) -> bytes:
+    doc = json.loads(encode(make_usage(request_id="v-1", cached_tokens=2, queue_s=0.25)))
+    for key, value in changes.items():
+        if value is _DROP:
+            doc.pop(key)
+        else:
+            doc[key] = value
+    return json.dumps(doc).encode()
+
+
+_DROP = object()
+USAGE_VARIANTS = [
+    pytest.param({}, id="valid"),
+    pytest.param({"cached_tokens": _DROP, "status": _DROP, "images": _DROP, "queue_s": _DROP,
+                  "schema_version": _DROP}, id="defaults"),
+    pytest.param({"input_tokens": "10"}, id="string-for-int"),
+    pytest.param({"input_tokens": 10.0}, id="float-for-int"),
+    pytest.param({"input_tokens": True}, id="bool-for-int"),
+    pytest.param({"model_units": 1}, id="int-for-float"),
+    pytest.param({"output_tokens": -1}, id="negative"),
+    pytest.param({"tenant": "bad tenant!"}, id="pattern"),
+    pytest.param({"request_id": "x" * 200}, id="too-long-id"),
+    pytest.param({"status": "weird"}, id="literal"),
+    pytest.param({"schema_version": 2}, id="schema-version"),
+    pytest.param({"extra": 1}, id="extra-field"),
+    pytest.param({"worker": _DROP}, id="missing-required"),
+    pytest.param({"shard": None}, id="null"),
+    pytest.param({"finished_at": _DROP}, id="default-factory"),
+]
+
+
+@pytest.mark.parametrize("changes", USAGE_VARIANTS)
+def test_decode_batch_fast_path_agrees_with_the_model(changes: dict[str, Any]) -> None:
+    raw = _usage_variant(**changes)
+    decoder = TopicDecoder(USAGE)
+    by_model = decoder._decode_each([raw]).rows[0]  # the model, one record
+    fast = decoder._rows_of_all(b"[" + raw + b"]", 1)  # the batch path's mirror
+    if by_model is None:
+        assert fast is None
+    elif "finished_at" in changes:  # a default factory (now): the rest must match
+        assert fast is not None and fast[0][:-1] == by_model[:-1]  # type: ignore[index]
+    else:
+        assert fast == [by_model]
+
+
+def test_decoder_refuses_unknown_topic() -> None:
+    with pytest.raises(AgentsError, match="does not read"):
+        TopicDecoder("tw.requests")
+
+
+# -- pure: dedupe ------------------------------------------------------------------------
+
+
+def test_id_window_forgets_the_oldest_beyond_capacity() -> None:
+    window = IdWindow(3)
+    window.add_all(["a", "a"])
+    window.add_all(["b", "c"])
+    window.add_all(["a"])  # already there: stays as old as it was
+    window.add_all(["d"])
+    assert "a" not in window and all(x in window for x in "bcd") and len(window) == 3
+    with pytest.raises(AgentsError):
+        IdWindow(0)
+
+
+def test_fresh_rows_drops_window_batch_and_known_duplicates() -> None:
+    window = IdWindow(10)
+    window.add_all(["old"])
+    seen: set[str] = set()
+    rows = [("old", 1), ("new", 2), ("new", 3), ("stored", 4), ("other", 5)]
+    kept, dropped = fresh_rows(rows, window, seen, {"stored"})
+    assert kept == [("new", 2), ("other", 5)] and dropped == 3
+    assert seen == {"new", "other"}
+
+
+# -- the runner ---------------------------------------------------------------------------
+
+
+class FakeConsumer:
+    """A consumer group of one member, in memory; ``trace`` records commits in order."""
+
+    def __init__(self, trace: list[str], partitions: dict[str, int]) -> None:
+        self.log: dict[TopicPartition, list[Record]] = {
+            TopicPartition(t, p): [] for t, n in partitions.items() for p in range(n)}
+        self.position = dict.fromkeys(self.log, 0)
+        self.committed: dict[TopicPartition, int] = {}
+        self.paused_tps: set[TopicPartition] = set()
+        self.ever_paused = False
+        self.listener: ConsumerRebalanceListener | None = None
+        self.trace = trace
+        self.fail_commits = 0
+
+    def produce(self, topic: str, value: bytes, partition: int = 0) -> None:
+        tp = TopicPartition(topic, partition)
+        self.log[tp].append(ConsumerRecord(
+            topic=topic, partition=partition, offset=len(self.log[tp]), timestamp=0,
+            timestamp_type=0, key=b"k", value=value, checksum=None, serialized_key_size=1,
+            serialized_value_size=len(value), headers=[]))
+
+    def subscribe(self, topics: list[str], *, listener: ConsumerRebalanceListener) -> None:
+        self.listener = listener
+
+    async def start(self) -> None:
+        assert self.listener is not None
+        # Restarted: fetching resumes from the commit points.
+        self.position = {tp: self.committed.get(tp, 0) for tp in self.log}
+        await self.listener.on_partitions_assigned(set(self.log))
+
+    async def stop(self) -> None:
+        self.trace.append("stop")
+
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
+                      max_records: int | None = None) -> dict[TopicPartition, list[Record]]:
+        budget = max_records or 1_000_000
+        out: dict[TopicPartition, list[Record]] = {}
+        for tp in sorted(set(self.log) - self.paused_tps):
+            records = self.log[tp][self.position[tp]:self.position[tp] + budget]
+            if records:
+                out[tp] = records
+                self.position[tp] += len(records)
+                budget -= len(records)
+        if not out:
+            await asyncio.sleep(min(timeout_ms, 10) / 1000)
+        return out
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.log)
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused_tps.update(partitions)
+        self.ever_paused = True
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused_tps.difference_update(partitions)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.paused_tps)
+
+    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
+        from aiokafka.errors import CommitFailedError
+
+        assert offsets
+        if self.fail_commits:
+            self.fail_commits -= 1
+            raise CommitFailedError("rebalanced")
+        self.committed.update(offsets)
+        self.trace.append("commit " + ",".join(f"{tp.topic}/{tp.partition}={o}"
+                                               for tp, o in sorted(offsets.items())))
+
+
+class TracingStore(MemoryStore):
+    def __init__(self, trace: list[str]) -> None:
+        super().__init__()
+        self.trace = trace
+
+    def _store(self, table: str, columns: Any, rows: Any) -> None:
+        super()._store(table, columns, rows)
+        self.trace.append(f"insert {table.split('.')[-1]} {len(rows)}")
+
+
+class Rig:
+    def __init__(self, partitions: dict[str, int] | None = None,
+                 config: SinkConfig = FAST) -> None:
+        self.trace: list[str] = []
+        self.consumer = FakeConsumer(self.trace, partitions or {USAGE: 2, RESPONSES: 1})
+        self.store = TracingStore(self.trace)
+        self.dlq = MemoryEventSink()
+        self.config = config
+
+    def sink(self) -> ClickHouseSink:
+        return ClickHouseSink(bootstrap="unused:9092", store=self.store, database=DB,
+                              dead_letters=self.dlq, config=self.config, consumer=self.consumer)
+
+    async def run_until(self, done: Callable[[ClickHouseSink], bool],
+                        sink: ClickHouseSink | None = None,
+                        timeout_s: float = 5.0) -> ClickHouseSink:
+        sink = sink or self.sink()
+        stop = asyncio.Event()
+        task = asyncio.create_task(sink.run(stop))
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not done(sink):
+                    if task.done():
+                        task.result()
+                    await asyncio.sleep(0.005)
+        finally:
+            stop.set()
+            await task
+        return sink
+
+    def usage_ids(self) -> list[object]:
+        return self.store.ids(f"{DB}.usage_events", "request_id")
+
+    def all_committed(self) -> bool:
+        return all(self.consumer.committed.get(tp, 0) == len(records)
+                   for tp, records in self.consumer.log.items())
+
+
+def usage(request_id: str) -> bytes:
+    return encode(make_usage(request_id=request_id))
+
+
+async def test_sink_writes_usage_and_replies_then_commits() -> None:
+    rig = Rig()
+    for i in range(5):
+        rig.consumer.produce(USAGE, usage(f"u-{i}"), partition=i % 2)
+    rig.consumer.produce(RESPONSES, encode(make_result(request_id="r-1")))
+    rig.consumer.produce(RESPONSES, encode(Rejection(request_id="r-2", tenant="acme",
+                                                     model="tiny-llama", reason="invalid")))
+    sink = await rig.run_until(lambda s: rig.all_committed())
+    assert sorted(rig.usage_ids()) == [f"u-{i}" for i in range(5)]  # type: ignore[type-var]
+    statuses = sorted(r["status"] for r in rig.store.tables[f"{DB}.request_results"])
+    assert statuses == ["ok", "rejected"]
+    assert sink.counters.inserted == {"usage_events": 5, "request_results": 2}
+    assert sink.counters.committed == 7 and sink.counters.duplicates == 0
+
+
+async def test_sink_duplicates_within_and_across_batches_are_dropped() -> None:
+    rig = Rig(partitions={USAGE: 1})
+    for rid in ("a", "b", "a", "c", "b"):  # duplicates within one batch
+        rig.consumer.produce(USAGE, usage(rid))
+    sink = rig.sink()
+    await rig.run_until(lambda s: rig.all_committed(), sink)
+    for rid in ("c", "d", "a"):  # redelivered later: caught by the window, not ClickHouse
+        rig.consumer.produce(USAGE, usage(rid))
+    queries = len(rig.store.queries)
+    await rig.run_until(lambda s: rig.all_committed(), sink)
+    assert sorted(rig.usage_ids()) == ["a", "b", "c", "d"]  # type: ignore[type-var]
+    assert sink.counters.duplicates == 4
+    assert len(rig.store.queries) == queries  # the window answered, no lookup
+
+
+async def test_sink_first_batch_after_restart_checks_clickhouse() -> None:
+    rig = Rig(partitions={USAGE: 1})
+    for rid in ("a", "b"):
+        rig.consumer.produce(USAGE, usage(rid))
+    await rig.run_until(lambda s: rig.all_committed())
+    # Redelivery after a crash between insert and commit: the offsets go back.
+    rig.consumer.committed.clear()
+    rig.consumer.produce(USAGE, usage("c"))
+    restarted = await rig.run_until(lambda s: rig.all_committed())
+    assert sorted(rig.usage_ids()) == ["a", "b", "c"]  # type: ignore[type-var]
+    assert restarted.counters.duplicates == 2 and restarted.counters.inserted == {
+        "usage_events": 1}
+    assert any("'a,b,c'" in q for q in rig.store.queries)
+
+
+async def test_sink_id_lookup_is_split_into_bounded_queries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agents.sink._ID_CHARS_PER_QUERY", 12)
+    rig = Rig(partitions={USAGE: 1})
+    rig.store.tables[f"{DB}.usage_events"] = [{"request_id": "id-4"}]  # written before
+    for i in range(6):
+        rig.consumer.produce(USAGE, usage(f"id-{i}"))
+    sink = await rig.run_until(lambda s: rig.all_committed())
+    assert len(rig.store.queries) == 3 and all(q.count("id-") <= 3 for q in rig.store.queries)
+    assert sink.counters.duplicates == 1 and sink.counters.inserted == {"usage_events": 5}
+
+
+async def test_sink_commits_only_after_the_insert() -> None:
+    rig = Rig(partitions={USAGE: 1})
+    for i in range(3):
+        rig.consumer.produce(USAGE, usage(f"u-{i}"))
+    await rig.run_until(lambda s: rig.all_committed())
+    assert [t for t in rig.trace if t != "stop"] == ["insert usage_events 3",
+                                                    "commit tw.usage/0=3"]
+
+
+@pytest.mark.parametrize("landed", [pytest.param(False, id="failed-insert-lost"),
+                                    pytest.param(True, id="failed-insert-landed")])
+async def test_sink_store_failures_back_off_pause_and_lose_nothing(landed: bool) -> None:
+    rig = Rig(partitions={USAGE: 2})
+    rig.store.fail_inserts = 3
+    rig.store.land_before_failing = landed  # an insert that raised may still have landed
+    for i in range(300):
+        rig.consumer.produce(USAGE, usage(f"u-{i}"), partition=i % 2)
+    sink = await rig.run_until(lambda s: rig.all_committed())
+    assert sorted(rig.usage_ids()) == sorted(f"u-{i}" for i in range(300))  # type: ignore[type-var]
+    assert sink.counters.retries == 3 and rig.consumer.ever_paused
+    # Rows of a landed failure are found in ClickHouse on the retry: counted as duplicates.
+    assert sink.counters.inserted["usage_events"] == (0 if landed else 300)
+    assert sink.counters.duplicates == (300 if landed else 0)
+    first_commit = next(i for i, t in enumerate(rig.trace) if t.startswith("commit"))
+    assert rig.trace[:first_commit] == ["insert usage_events 100"]
+
+
+async def test_sink_store_unreachable_commits_nothing_until_back() -> None:
+    rig = Rig(partitions={USAGE: 1})
+    rig.store.down = True
+    for i in range(10):
+        rig.consumer.produce(USAGE, usage(f"u-{i}"))
+    sink = await rig.run_until(lambda s: s.counters.retries >= 3)
+    assert rig.consumer.committed == {} and rig.usage_ids() == []
+    rig.store.down = False
+    await rig.run_until(lambda s: rig.all_committed(), sink)
+    assert len(rig.usage_ids()) == 10
+
+
+async def test_sink_commit_failure_does_not_insert_again() -> None:
+    rig = Rig(partitions={USAGE: 1})
+    rig.consumer.fail_commits = 1
+    for i in range(3):
+        rig.consumer.produce(USAGE, usage(f"u-{i}"))
+    sink = await rig.run_until(lambda s: s.counters.batches >= 1)
+    assert rig.consumer.committed == {} and len(rig.usage_ids()) == 3
+    rig.consumer.produce(USAGE, usage("u-3"))
+    rig.consumer.committed.clear()
+    restarted = await rig.run_until(lambda s: rig.all_committed())
+    assert sorted(rig.usage_ids()) == [f"u-{i}" for i in range(4)]  # type: ignore[type-var]
+    assert restarted.counters.duplicates == 3 and sink.counters.retries == 0
+
+
+async def test_sink_bad_record_goes_to_dead_letters_and_is_committed() -> None:
+    rig = Rig(partitions={USAGE: 1})
+    rig.consumer.produce(USAGE, usage("u-0"))
+    rig.consumer.produce(USAGE, b"not json")
+    rig.consumer.produce(USAGE, encode(make_usage(request_id="u-2")).replace(b'"shard":0',
+                                                                              b'"shard":-1'))
+    rig.consumer.produce(USAGE, usage("u-3"))
+    sink = await rig.run_until(lambda s: rig.all_committed())
+    assert rig.usage_ids() == ["u-0", "u-3"]
+    dead = [decode(r.value, DEAD) for r in rig.dlq.on(DLQ)]
+    assert [(d.origin_offset, d.consumer) for d in dead] == [(1, "sink"), (2, "sink")]
+    assert dead[0].raw == b"not json" and dead[0].reason.startswith("invalid JSON")
+    assert "shard" in dead[1].reason
+    assert sink.counters.dead_lettered == 2 and rig.dlq.flushed == 2
+
+
+def test_sink_config_rejects_inverted_backoff() -> None:
+    with pytest.raises(AgentsError, match="backoff"):
+        ClickHouseSink(bootstrap="x:1", store=MemoryStore(), database=DB,
+                       dead_letters=MemoryEventSink(),
+                       config=SinkConfig(backoff_initial_s=5, backoff_max_s=1),
+                       consumer=FakeConsumer([], {USAGE: 1}))
