@@ -628,14 +628,19 @@ def autoscaler(no_demand: bool, no_decide: bool) -> None:
               show_default=True, help="local: seconds a stopped worker gets to drain.")
 @click.option("--target", "targets", multiple=True,
               help="kubernetes: MODEL=deployment|statefulset/NAMESPACE/NAME (repeatable).")
+@click.option("--model-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="local, transformers/vllm engines: the model directory workers serve.")
 @click.option("--kubeconfig", default=None, help="kubernetes: kubeconfig file.")
 @click.option("--context", default=None, help="kubernetes: kubeconfig context.")
 @click.option("--in-cluster", is_flag=True, help="kubernetes: use the pod's service account.")
 def actuator(kind: str, models: tuple[str, ...], engine: str, time_scale: float,
-             drain_timeout_s: float, targets: tuple[str, ...], kubeconfig: str | None,
+             drain_timeout_s: float, targets: tuple[str, ...], model_dir: Path | None,
+             kubeconfig: str | None,
              context: str | None, in_cluster: bool) -> None:
     """Apply ScaleDecisions from tw.scale: local worker processes or a Kubernetes scale."""
     settings = _settings()
+    # Workers are spawned with their own working directory in mind: pass an absolute path.
+    model_dir = model_dir.resolve() if model_dir else None
     stop = asyncio.Event()
 
     async def go() -> None:
@@ -649,7 +654,8 @@ def actuator(kind: str, models: tuple[str, ...], engine: str, time_scale: float,
             if unknown:
                 raise InfraError(f"models not configured: {unknown}")
             config = LocalActuatorConfig(engine=engine, time_scale=time_scale,
-                                         drain_timeout_s=drain_timeout_s)
+                                         drain_timeout_s=drain_timeout_s,
+                                         model_dir=model_dir)
             await run_local(settings, config, stop, models=list(models) or None,
                             stop_workers=True)
         else:

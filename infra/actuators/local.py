@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +40,7 @@ class LocalActuatorConfig(BaseModel):
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0  # a stopped worker's drain
     max_batch: Annotated[int, Field(ge=1)] = 64
     reconcile_s: Annotated[float, Field(gt=0)] = 1.0  # s between checks for dead workers
+    model_dir: Path | None = None  # transformers/vllm: the model directory workers serve
 
 
 def worker_name(model: str, index: int) -> str:
@@ -116,7 +118,8 @@ class LocalActuator:
         c = self.config
         return [sys.executable, "-m", "infra.cli", "worker", "--model", model,
                 "--engine", c.engine, "--worker-id", name, "--time-scale", str(c.time_scale),
-                "--drain-timeout", str(c.drain_timeout_s), "--max-batch", str(c.max_batch)]
+                "--drain-timeout", str(c.drain_timeout_s), "--max-batch", str(c.max_batch),
+                *(["--model-dir", str(c.model_dir)] if c.model_dir else [])]
 
     def _spawn(self, model: str, name: str) -> None:
         env = {**os.environ, **self.settings.to_env()}
