@@ -20,8 +20,9 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import BaseModel, TypeAdapter
@@ -33,14 +34,16 @@ from infra.demo_trace import DemoPlan, DemoTrace, control_toml, plan
 from infra.stack import clickhouse_store, down, up
 from schemas.config import Settings
 from schemas.cost import CostModel
-from schemas.events import Rejection, Reply
+from schemas.events import Rejection, Reply, WorkerHeartbeat
+from streams import StreamsError
 from streams.client import reply_partitions
 from streams.codec import decode
 from streams.sink import KafkaEventSink
-from streams.topics import REQUESTS, RESPONSES
+from streams.topics import HEARTBEATS, REQUESTS, RESPONSES
 
 Say = Callable[[str], None]
 _REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
+_BEAT: TypeAdapter[WorkerHeartbeat] = TypeAdapter(WorkerHeartbeat)
 
 
 def _cli(*args: str) -> list[str]:
@@ -143,7 +146,7 @@ class Demo:
         self.plan: DemoPlan = plan(options.trace, model=self.model, run_id=self.run_id)
         config = settings.state_dir / "demo-control.toml"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(control_toml(self.plan, self.model))
+        config.write_text(control_toml(self.plan, self.model, options.trace))
         self.settings = settings.model_copy(update={"control_config": config.resolve()})
         self.replies: dict[str, Reply] = {}
 
@@ -154,16 +157,20 @@ class Demo:
         store = clickhouse_store(settings)
         stop = asyncio.Event()
         try:
-            names = start_services(settings, self.options)
+            names = start_services(settings, self.options, await self._model_dir())
             self.say(f"started {', '.join(names)}; logs in {settings.state_dir / 'logs'}")
-            background = [asyncio.create_task(self._collect(stop)),
+            background = [asyncio.create_task(self._collect(stop), name="reply collector"),
                           *start_in_process(settings, store, stop)]
             started = time.time()
+            await self._await_fleet(since=started)
             await self._drive()
             await self._await_replies(timeout_s=120)
             stored = await self._await_sink(store)
             stop.set()
-            await asyncio.gather(*background, return_exceptions=True)
+            for task, outcome in zip(background, await asyncio.gather(
+                    *background, return_exceptions=True), strict=True):
+                if isinstance(outcome, BaseException):
+                    self.say(f"WARNING: {task.get_name()} failed: {outcome!r}")
             replayed = totals_from_replies(self.replies, self.plan.cost)
             self.say("\nper-tenant totals, replayed vs ClickHouse "
                      f"({store.backend}, run {self.run_id}):")
@@ -178,6 +185,40 @@ class Demo:
                 self.say("stack left running; `tokenweir down` stops it")
             else:
                 down(settings, self.say)
+
+    async def _model_dir(self) -> Path | None:
+        """transformers: the tiny local model (built once per state directory)."""
+        if self.options.engine != "transformers":
+            return None
+        from workers.tinymodel import make_tiny_model
+
+        directory = (self.settings.state_dir / "tiny-model").resolve()
+        if not (directory / "config.json").exists():
+            self.say(f"building the tiny model in {directory}")
+            await asyncio.to_thread(make_tiny_model, directory)
+        return directory
+
+    async def _await_fleet(self, since: float, timeout_s: float = 90.0) -> None:
+        """Until a worker beats ready: requests before that would find no capacity."""
+        consumer = AIOKafkaConsumer(HEARTBEATS, bootstrap_servers=self.settings.bootstrap,
+                                    auto_offset_reset="earliest", enable_auto_commit=False)
+        await consumer.start()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        with contextlib.suppress(StreamsError):
+                            beat = decode(record.value, _BEAT)
+                            if beat.engine_state == "ready" and beat.sent_at >= since:
+                                self.say(f"fleet ready: {beat.worker} ({beat.engine})")
+                                # The admission agent follows the same beats.
+                                await asyncio.sleep(2.0)
+                                return
+        finally:
+            await consumer.stop()
+        raise InfraError(f"no worker became ready within {timeout_s:.0f}s; see "
+                         f"{self.settings.state_dir / 'logs'}")
 
     async def _drive(self) -> None:
         sink = KafkaEventSink(self.settings.bootstrap, linger_ms=5, client_id="demo")
@@ -214,7 +255,7 @@ class Demo:
             while not stop.is_set():
                 for records in (await consumer.getmany(timeout_ms=200)).values():
                     for record in records:
-                        with contextlib.suppress(Exception):
+                        with contextlib.suppress(StreamsError):
                             reply = decode(record.value, _REPLY)
                             if reply.request_id.startswith(prefix):
                                 self.replies.setdefault(reply.request_id, reply)
@@ -255,15 +296,20 @@ async def run_demo(settings: Settings, say: Say, options: DemoOptions) -> bool:
     return await demo.run()
 
 
-def start_services(settings: Settings, options: DemoOptions) -> list[str]:
-    """Start the agents and workers as processes; their names."""
+def start_services(settings: Settings, options: DemoOptions, model_dir: Path | None = None
+                   ) -> list[str]:
+    """Start the agents and the local actuator (which starts the workers); their names."""
     run_dir, logs = settings.run_dir(), settings.state_dir / "logs"
     env = {**os.environ, **settings.to_env()}
-    services = {"agent-admission": _cli("agent", "admission")}
-    for i in range(2):
-        services[f"worker-{settings.models[0]}-{i}"] = _cli(
-            "worker", "--model", settings.models[0], "--engine", options.engine,
-            "--worker-id", f"worker-{settings.models[0]}-{i}")
+    engine = ["--engine", options.engine, *(["--model-dir", str(model_dir)] if model_dir else [])]
+    services = {
+        "agent-admission": _cli("agent", "admission"),
+        "autoscaler": _cli("autoscaler"),
+        "health-agent": _cli("health-agent"),
+        "alerter": _cli("alerter"),
+        # Drains are short: the demo scales down within a minute of a burst.
+        "actuator": _cli("actuator", "--kind", "local", *engine, "--drain-timeout", "10"),
+    }
     for name, argv in services.items():
         procs.spawn(run_dir, name, argv, log_path=logs / f"{name}.log", env=env)
     return list(services)
@@ -271,9 +317,42 @@ def start_services(settings: Settings, options: DemoOptions) -> list[str]:
 
 def start_in_process(settings: Settings, store: ClickHouseStore, stop: asyncio.Event
                      ) -> list[asyncio.Task[None]]:
-    return []
+    """The ClickHouse sink, as a task of this process.
+
+    Embedded chDB admits one process per data directory, so the sink runs
+    where the totals and the report are read (with the server it could run
+    anywhere; one code path for both).
+    """
+    return [asyncio.create_task(_sink(settings, store, stop), name="sink")]
+
+
+async def _sink(settings: Settings, store: ClickHouseStore, stop: asyncio.Event) -> None:
+    from agents.sink import ClickHouseSink
+
+    dlq = KafkaEventSink(settings.bootstrap, client_id="tokenweir-sink")
+    await dlq.start()
+    try:
+        await ClickHouseSink(bootstrap=settings.bootstrap, store=store,
+                             database=settings.clickhouse_database, dead_letters=dlq).run(stop)
+    finally:
+        await dlq.stop()
 
 
 async def write_report(settings: Settings, store: ClickHouseStore, say: Say, *, since: float,
                        html: Path) -> None:
-    say("(report pending)")
+    """The report over this run's minutes, printed and written as HTML."""
+    from infra.report import collect, render_html, render_text
+
+    report = await collect(store, settings.clickhouse_database,
+                           datetime.fromtimestamp(since, UTC))
+    say("\n" + render_text(report))
+    # Plotting and writing block; the stack's other tasks are already stopped.
+    say(f"html report: {await asyncio.to_thread(_write_html, render_html, report, html)}")
+
+
+def _write_html(render: Callable[[Any], str], report: Any, html: Path) -> Path:
+    try:
+        html.write_text(render(report))
+    except OSError as exc:
+        raise InfraError(f"--html {html}: {exc.strerror}") from exc
+    return html.resolve()

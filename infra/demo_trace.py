@@ -10,6 +10,7 @@ utilisation carry the busiest minute.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter, defaultdict
 from typing import Annotated, Literal
@@ -133,12 +134,41 @@ def _limits(requests: list[PlannedRequest], cost: CostModel) -> dict[str, Tenant
     return limits
 
 
-def control_toml(plan_: DemoPlan, model: str) -> str:
+# The replay lasts minutes, not hours: windows, start-up and stabilisation are
+# shortened in proportion so that scaling up and back down shows within it.
+SCALING_TOML = """\
+[scaling]
+tick_s = 1
+stable_window_s = 20
+panic_window_s = 4
+beat_timeout_s = 5
+resend_s = 10
+
+[scaling.policy]
+min_replicas = {min_replicas}
+max_replicas = {max_replicas}
+target_utilisation = {target}
+stabilisation_s = 30
+startup_s = 5
+min_lifetime_s = 10
+panic_s = 2
+drain_s = 20
+"""
+
+
+def control_toml(plan_: DemoPlan, model: str, spec: DemoTrace) -> str:
     """The control-plane file: the model's cost, the tenants' limits, no auth (local demo)."""
     lines = ["# Written by `tokenweir demo`: requests are unsigned here, so",
              "# authentication is off; production configs list keys.",
              "auth_required = false", "", f'[models."{model}"]']
     lines += [f"{k} = {v}" for k, v in plan_.cost.model_dump().items()] + [""]
+    # Reservations are held out of live capacity: the floor of the fleet carries
+    # them with a replica to spare for everyone else.
+    reserved = sum(t.reservation_mu_per_min for t in plan_.tenants.values())
+    floor = math.ceil(reserved / plan_.cost.capacity_mu_per_min) + 1
+    lines += [SCALING_TOML.format(min_replicas=floor,
+                                  max_replicas=max(floor, 2 * spec.peak_replicas),
+                                  target=spec.target_utilisation)]
     for tenant, lim in sorted(plan_.tenants.items()):
         plan_name = "provisioned" if lim.reservation_mu_per_min else "pay_per_token"
         lines += [f'[tenants."{tenant}"]', f'plan = "{plan_name}"',

@@ -75,8 +75,9 @@ def down(settings: Settings, say: Say) -> list[str]:
     stopped = []
     services = {"kafka", "clickhouse"}
     for name in [n for n in procs.tracked(run_dir) if n not in services]:
-        pid = procs.stop(run_dir, name)
-        stopped.append(f"{name} (pid {pid})")
+        # An actuator stops its own workers: those are gone by the time we get to them.
+        if (pid := procs.stop(run_dir, name)) is not None:
+            stopped.append(f"{name} (pid {pid})")
     if (pid := LocalClickHouseServer(settings).stop()) is not None:
         stopped.append(f"clickhouse (pid {pid})")
     if (pid := KafkaBroker(settings).stop()) is not None:
