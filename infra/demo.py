@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -285,6 +286,9 @@ class Demo:
 
 
 async def run_demo(settings: Settings, say: Say, options: DemoOptions) -> bool:
+    # aiokafka warns while the fresh broker elects group coordinators; the sink
+    # retries on its own and the demo's output is the report, not client chatter.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
     if not options.trace.sample or not settings.models:
         raise InfraError("the demo needs a model and a non-empty sample")
     demo = Demo(settings, say, options)
