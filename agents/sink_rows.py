@@ -1,24 +1,27 @@
 """The sink's pure part: records of one topic -> ClickHouse rows, and the id windows.
 
 No I/O here. :class:`TopicDecoder` validates a whole batch of raw values at
-once (one JSON array, one pydantic call) and only when that fails falls back
-to one record at a time to find the bad ones. Every table's first column is
-its idempotency key (request, decision, event or alert id), so ``row[0]`` is
-the id the dedupe filter works on.
+once (one JSON array, one msgspec call into Structs derived from the event
+model, see :mod:`agents.sink_fast`) and only when that fails falls back to the
+pydantic model one record at a time, which finds the bad ones and their
+reasons. Every table's first column is its idempotency key (request, decision,
+event or alert id), so ``row[0]`` is the id the dedupe filter works on.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter
-from typing import Annotated, Any, NotRequired, cast
+from itertools import repeat
+from operator import attrgetter
+from typing import Any, cast
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
-from typing_extensions import TypedDict
+from pydantic import TypeAdapter, ValidationError
 
 from agents import AgentsError
+from agents.sink_fast import FastDecoder, Unsupported
 from schemas.events import (
     Alert,
     HealthEvent,
@@ -32,6 +35,7 @@ from streams import DecodeError
 from streams.codec import decode
 from streams.topics import ALERTS, HEALTH, RESPONSES, SCALE, USAGE
 
+log = logging.getLogger(__name__)
 Row = tuple[Any, ...]
 
 # Raw values joined into one JSON array with this separator. A raw newline is
@@ -39,7 +43,7 @@ Row = tuple[Any, ...]
 # so a string or value cannot span two records: a batch that parses holds
 # exactly the records' own documents (their count is checked as well).
 _JOIN = b",\n"
-# Records validated per pydantic call. The call holds the GIL throughout, so
+# Records validated per decoding call. The call holds the GIL throughout, so
 # a long one would stall the store's thread (its Arrow building and the return
 # from chDB) for as long: small calls let the two threads interleave.
 DECODE_CHUNK = 1000
@@ -76,22 +80,15 @@ ALERTS_TABLE = TableSpec("alerts", (
 _USAGE_FIELDS = attrgetter(*USAGE_TABLE.columns[:-1])  # one C call for the plain columns
 
 
-_USAGE_ITEMS = itemgetter(*USAGE_TABLE.columns[:-1])
-
-
 def _usage_row(e: UsageEvent) -> Row:
     return (*_USAGE_FIELDS(e), int(e.finished_at))
-
-
-def _usage_doc_row(d: dict[str, Any]) -> Row:
-    return (*_USAGE_ITEMS(d), int(d["finished_at"]))
 
 
 NO_SHARD = -1  # request_results.shard when the reply names none (rejections)
 
 
 def _reply_row(e: InferenceResult | Rejection) -> Row:
-    if isinstance(e, Rejection):
+    if e.kind == "rejection":  # not isinstance: a Rejection's Struct is no Rejection
         return (e.request_id, e.tenant, e.model, "rejected", "", e.reason, 0, 0, 0.0, 0.0, 0.0,
                 0.0, "", NO_SHARD, int(e.rejected_at))
     t, u = e.timings, e.usage
@@ -116,52 +113,11 @@ def _alert_row(e: Alert) -> Row:
             0.0 if e.threshold is None else e.threshold, int(e.fired_at))
 
 
-class _Mirror:
-    """Validates JSON exactly like a flat event model, into plain dicts.
-
-    A TypedDict with the model's field types and constraints, strict, no extra
-    keys: the same verdicts, without building model instances (about a third
-    cheaper for a usage event). Missing optional fields get the model's defaults.
-    """
-
-    def __init__(self, model: type[BaseModel]) -> None:
-        decorators = model.__pydantic_decorators__
-        if decorators.model_validators or decorators.field_validators:
-            raise AgentsError(f"{model.__name__} has validators: a mirror would miss them")
-        fields: dict[str, Any] = {}
-        self.defaults: dict[str, Any] = {}
-        self.factories: list[tuple[str, Callable[[], Any]]] = []
-        for name, info in model.model_fields.items():
-            ann = Annotated[(info.annotation, *info.metadata)] if info.metadata \
-                else info.annotation
-            if info.is_required():
-                fields[name] = ann
-                continue
-            fields[name] = NotRequired[ann]
-            if info.default_factory is not None:
-                self.factories.append((name, info.default_factory))  # type: ignore[arg-type]
-            else:
-                self.defaults[name] = info.default
-        typed = TypedDict(f"{model.__name__}Doc", fields)  # type: ignore[misc]
-        typed.__pydantic_config__ = ConfigDict(extra="forbid", strict=True)  # type: ignore[attr-defined]
-        self.many: TypeAdapter[list[dict[str, Any]]] = TypeAdapter(cast(Any, list)[typed])
-
-    def complete(self, doc: dict[str, Any]) -> dict[str, Any]:
-        full = {**self.defaults, **doc}
-        for name, factory in self.factories:
-            if name not in full:
-                full[name] = factory()
-        return full
-
-
 @dataclass(frozen=True)
 class _Mapping:
     table: TableSpec
     kind: Any  # the event type (or union) the topic carries
-    to_row: Callable[[Any], Row]
-    # The batch fast path: a mirror of ``kind`` and the row of one of its dicts.
-    mirror: _Mirror | None = None
-    doc_row: Callable[[dict[str, Any]], Row] | None = None
+    to_row: Callable[[Any], Row]  # of a model instance or its Struct (same attributes)
 
     @property
     def adapter(self) -> TypeAdapter[Any]:
@@ -169,7 +125,7 @@ class _Mapping:
 
 
 _MAPPINGS: dict[str, _Mapping] = {
-    USAGE: _Mapping(USAGE_TABLE, UsageEvent, _usage_row, _Mirror(UsageEvent), _usage_doc_row),
+    USAGE: _Mapping(USAGE_TABLE, UsageEvent, _usage_row),
     RESPONSES: _Mapping(RESULTS_TABLE, Reply, _reply_row),
     SCALE: _Mapping(SCALE_TABLE, ScaleDecision, _scale_row),
     HEALTH: _Mapping(HEALTH_TABLE, HealthEvent, _health_row),
@@ -199,8 +155,7 @@ class TopicDecoder:
         self._one = mapping.adapter
         self._many: TypeAdapter[list[Any]] = TypeAdapter(cast(Any, list)[mapping.kind])
         self._to_row = mapping.to_row
-        self._mirror = mapping.mirror
-        self._doc_row = mapping.doc_row
+        self._fast = _fast_decoder(mapping.kind)
 
     def decode(self, values: Sequence[bytes | None]) -> DecodedBatch:
         if len(values) <= DECODE_CHUNK:
@@ -222,16 +177,15 @@ class TopicDecoder:
 
     def _rows_of_all(self, joined: bytes, count: int) -> list[Row | None] | None:
         """Rows of every value at once, or None when any one is bad."""
-        try:
-            if self._mirror is not None and self._doc_row is not None:
-                docs = self._mirror.many.validate_json(joined, strict=True)
-                if len(docs) != count:
-                    return None
-                complete, doc_row = self._mirror.complete, self._doc_row
-                return [doc_row(complete(d)) for d in docs]
-            events = self._many.validate_json(joined, strict=True)
-        except ValidationError:
-            return None
+        if self._fast is not None:
+            events = self._fast.decode(joined)
+            if events is None:
+                return None
+        else:
+            try:
+                events = self._many.validate_json(joined, strict=True)
+            except ValidationError:
+                return None
         return list(map(self._to_row, events)) if len(events) == count else None
 
     def _decode_each(self, values: Sequence[bytes | None]) -> DecodedBatch:
@@ -245,10 +199,18 @@ class TopicDecoder:
         return out
 
 
+def _fast_decoder(kind: Any) -> FastDecoder | None:
+    try:
+        return FastDecoder(kind)
+    except Unsupported:
+        log.warning("sink: no fast decoding for %r: pydantic decodes it", kind, exc_info=True)
+        return None
+
+
 def _joined(values: Sequence[bytes | None]) -> bytes | None:
     """One JSON array of the values; None when one is null or not an object's text."""
     try:
-        if not all(v[:1] == b"{" for v in values):  # type: ignore[index]
+        if sum(map(bytes.startswith, values, repeat(b"{"))) != len(values):  # type: ignore[arg-type]
             return None
         return b"[" + _JOIN.join(values) + b"]"  # type: ignore[arg-type]
     except TypeError:  # a null value

@@ -83,7 +83,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Collection
-from typing import Protocol, TypeAlias
+from typing import TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
@@ -99,6 +99,7 @@ from schemas.events import (
     Usage,
     UsageEvent,
 )
+from streams.consumer import GroupConsumer
 from streams.deadletter import decode_or_dead_letter
 from streams.sink import EventSink, KafkaEventSink
 from streams.topics import RESERVED_MU_HEADER, USAGE, shard_topic
@@ -259,20 +260,7 @@ class CapacityGate:
         self.in_flight_mu = max(0.0, self.in_flight_mu - mu) if self.in_flight else 0.0
 
 
-class ShardConsumer(Protocol):
-    """The part of :class:`aiokafka.AIOKafkaConsumer` the worker uses (a seam for tests)."""
-
-    def subscribe(self, topics: list[str], *, listener: ConsumerRebalanceListener) -> None: ...
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
-    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
-                      max_records: int | None = None) -> dict[TopicPartition, list[Record]]: ...
-    def assignment(self) -> set[TopicPartition]: ...
-    def pause(self, *partitions: TopicPartition) -> None: ...
-    def resume(self, *partitions: TopicPartition) -> None: ...
-    def paused(self) -> set[TopicPartition]: ...
-    def seek(self, partition: TopicPartition, offset: int) -> None: ...
-    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None: ...
+ShardConsumer = GroupConsumer
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -9,23 +9,32 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
-from pydantic import TypeAdapter
+from pydantic import BaseModel, StringConstraints, TypeAdapter
 
 from agents import AgentsError
 from agents.sink import ClickHouseSink, SinkConfig
+from agents.sink_fast import FastDecoder, Unsupported
 from agents.sink_rows import (
     NO_SHARD,
+    USAGE_TABLE,
     IdWindow,
     TopicDecoder,
     fresh_rows,
 )
 from infra.clickhouse.memory import MemoryStore
-from schemas.events import Alert, DeadLetter, HealthEvent, Rejection, ScaleDecision
+from schemas.events import (
+    Alert,
+    DeadLetter,
+    HealthEvent,
+    InferenceRequest,
+    Rejection,
+    ScaleDecision,
+)
 from streams.codec import decode, encode
 from streams.sink import MemoryEventSink
 from streams.topics import ALERTS, DLQ, HEALTH, RESPONSES, SCALE, USAGE
@@ -112,49 +121,183 @@ def test_decode_records_that_only_parse_when_joined_are_bad() -> None:
     assert set(batch.bad) == {0, 1}
 
 
-def _usage_variant(**changes: Any) -> bytes:
-    doc = json.loads(encode(make_usage(request_id="v-1", cached_tokens=2, queue_s=0.25)))
-    for key, value in changes.items():
+def _variant(base: Any, changes: dict[str, Any]) -> bytes:
+    """``base`` as JSON with top-level or dotted (nested) keys changed or dropped."""
+    doc = json.loads(encode(base))
+    for path, value in changes.items():
+        *outer, key = path.split(".")
+        target = doc
+        for name in outer:
+            target = target[name]
         if value is _DROP:
-            doc.pop(key)
+            target.pop(key)
         else:
-            doc[key] = value
+            target[key] = value
     return json.dumps(doc).encode()
 
 
+def _usage_variant(**changes: Any) -> bytes:
+    return _variant(make_usage(request_id="v-1", cached_tokens=2, queue_s=0.25), changes)
+
+
 _DROP = object()
+# (changes, whether the fast path should take the record itself): where it does not,
+# the model decides alone. Both verdicts must always match the model's.
 USAGE_VARIANTS = [
-    pytest.param({}, id="valid"),
+    pytest.param({}, True, id="valid"),
     pytest.param({"cached_tokens": _DROP, "status": _DROP, "images": _DROP, "queue_s": _DROP,
-                  "schema_version": _DROP}, id="defaults"),
-    pytest.param({"input_tokens": "10"}, id="string-for-int"),
-    pytest.param({"input_tokens": 10.0}, id="float-for-int"),
-    pytest.param({"input_tokens": True}, id="bool-for-int"),
-    pytest.param({"model_units": 1}, id="int-for-float"),
-    pytest.param({"output_tokens": -1}, id="negative"),
-    pytest.param({"tenant": "bad tenant!"}, id="pattern"),
-    pytest.param({"request_id": "x" * 200}, id="too-long-id"),
-    pytest.param({"status": "weird"}, id="literal"),
-    pytest.param({"schema_version": 2}, id="schema-version"),
-    pytest.param({"extra": 1}, id="extra-field"),
-    pytest.param({"worker": _DROP}, id="missing-required"),
-    pytest.param({"shard": None}, id="null"),
-    pytest.param({"finished_at": _DROP}, id="default-factory"),
+                  "schema_version": _DROP}, True, id="defaults"),
+    pytest.param({"input_tokens": "10"}, False, id="string-for-int"),
+    pytest.param({"input_tokens": 10.0}, False, id="float-for-int"),
+    pytest.param({"input_tokens": True}, False, id="bool-for-int"),
+    pytest.param({"model_units": 1}, True, id="int-for-float"),
+    pytest.param({"model_units": True}, False, id="bool-for-float"),
+    pytest.param({"model_units": 1e400}, False, id="float-overflow"),
+    pytest.param({"input_tokens": 2**70}, True, id="huge-int"),
+    pytest.param({"output_tokens": -1}, False, id="negative"),
+    pytest.param({"queue_s": -0.5}, False, id="negative-float"),
+    pytest.param({"tenant": "bad tenant!"}, False, id="pattern"),
+    pytest.param({"tenant": "acme\n"}, False, id="pattern-trailing-newline"),
+    pytest.param({"tenant": "\nacme"}, False, id="pattern-leading-newline"),
+    pytest.param({"worker": "w\u00e9"}, False, id="pattern-non-ascii"),
+    pytest.param({"model": "m" * 64}, True, id="pattern-longest"),
+    pytest.param({"model": "m" * 65}, False, id="pattern-too-long"),
+    pytest.param({"request_id": "x" * 200}, False, id="too-long-id"),
+    pytest.param({"request_id": ""}, False, id="empty-id"),
+    pytest.param({"status": "weird"}, False, id="literal"),
+    pytest.param({"status": None}, False, id="literal-null"),
+    pytest.param({"schema_version": 2}, False, id="schema-version"),
+    pytest.param({"schema_version": 1.0}, False, id="schema-version-float"),
+    pytest.param({"schema_version": True}, False, id="schema-version-bool"),
+    pytest.param({"extra": 1}, False, id="extra-field"),
+    pytest.param({"worker": _DROP}, False, id="missing-required"),
+    pytest.param({"shard": None}, False, id="null"),
+    pytest.param({"finished_at": _DROP}, True, id="default-factory"),
 ]
 
 
-@pytest.mark.parametrize("changes", USAGE_VARIANTS)
-def test_decode_batch_fast_path_agrees_with_the_model(changes: dict[str, Any]) -> None:
-    raw = _usage_variant(**changes)
+def _typed(rows: list[Any] | None) -> list[Any] | None:
+    """Rows with each value's type: 1 == 1.0, but an Int column is no Float column."""
+    if rows is None:
+        return None
+    return [None if row is None else [(type(v), v) for v in row] for row in rows]
+
+
+def _assert_paths_agree(topic: str, raw: bytes, fast_takes: bool,
+                        factory_column: int | None = None) -> None:
+    decoder = TopicDecoder(topic)
+    by_model = decoder._decode_each([raw])  # the pydantic model, one record
+    fast = decoder._rows_of_all(b"[" + raw + b"]", 1)  # the batch path's Structs
+    full = decoder.decode([raw, raw])  # the batch path with its fallback
+    assert (fast is not None) == fast_takes
+    model_rows: list[Any] = by_model.rows
+    if factory_column is not None and fast is not None:  # a default factory (now)
+        fast = [row[:factory_column] + row[factory_column + 1:] for row in fast]
+        model_rows = [row[:factory_column] + row[factory_column + 1:] for row in model_rows]
+    if fast is not None:
+        assert model_rows[0] is not None and _typed(fast) == _typed(model_rows)
+    assert full.bad == {i: reason for i in (0, 1) for reason in by_model.bad.values()}
+    if factory_column is None:
+        assert _typed(full.rows) == _typed(model_rows * 2)
+
+
+@pytest.mark.parametrize(("changes", "fast_takes"), USAGE_VARIANTS)
+def test_decode_batch_fast_path_agrees_with_the_model(changes: dict[str, Any],
+                                                      fast_takes: bool) -> None:
+    factory = len(USAGE_TABLE.columns) - 1 if "finished_at" in changes else None
+    _assert_paths_agree(USAGE, _usage_variant(**changes), fast_takes, factory)
+
+
+_RESULT = make_result(request_id="r-1", finish_reason="stop", worker="w-2", shard=3,
+                      completed_at=1000.5)
+_REJECTION = Rejection(request_id="r-2", tenant="acme", model="tiny-llama",
+                       reason="rate_limited", retry_after_s=1.5, rejected_at=2000.0)
+REPLY_VARIANTS = [
+    pytest.param(_RESULT, {}, True, id="result"),
+    pytest.param(_REJECTION, {}, True, id="rejection"),
+    pytest.param(_RESULT, {"usage.input_tokens": 7, "timings.ttft_s": 0.5}, True,
+                 id="result-nested-values"),
+    pytest.param(_RESULT, {"usage": _DROP, "timings": _DROP, "worker": None, "shard": None,
+                           "finish_reason": None, "error": None}, True,
+                 id="result-nested-defaults-and-nulls"),
+    pytest.param(_RESULT, {"token_ids": [1, 2, 3]}, True, id="result-token-ids"),
+    pytest.param(_RESULT, {"token_ids": [1, True]}, False, id="result-token-ids-bool"),
+    pytest.param(_RESULT, {"usage.extra": 1}, False, id="result-nested-extra"),
+    pytest.param(_RESULT, {"timings.queue_s": -1.0}, False, id="result-nested-negative"),
+    pytest.param(_RESULT, {"usage": None}, False, id="result-nested-null"),
+    pytest.param(_RESULT, {"kind": _DROP}, False, id="result-no-discriminator"),
+    pytest.param(_RESULT, {"kind": "other"}, False, id="result-bad-discriminator"),
+    pytest.param(_RESULT, {"kind": "rejection"}, False, id="result-as-rejection"),
+    pytest.param(_RESULT, {"worker": "w\n"}, False, id="result-optional-pattern"),
+    pytest.param(_RESULT, {"error": "e" * 1025}, False, id="result-too-long-text"),
+    pytest.param(_RESULT, {"error": "\U0001f600" * 1024}, True, id="result-text-in-code-points"),
+    pytest.param(_RESULT, {"error": "\u00e9" * 1025}, False, id="result-too-long-non-ascii"),
+    pytest.param(_REJECTION, {"reason": "because"}, False, id="rejection-literal"),
+    pytest.param(_REJECTION, {"retry_after_s": None, "detail": "d" * 1024}, True,
+                 id="rejection-optional-null-longest-text"),
+    pytest.param(_REJECTION, {"tenant": "acme\n"}, False, id="rejection-pattern"),
+]
+
+
+@pytest.mark.parametrize(("event", "changes", "fast_takes"), REPLY_VARIANTS)
+def test_decode_replies_fast_path_agrees_with_the_model(event: Any, changes: dict[str, Any],
+                                                        fast_takes: bool) -> None:
+    _assert_paths_agree(RESPONSES, _variant(event, changes), fast_takes)
+
+
+@pytest.mark.parametrize(("topic", "event", "changes", "fast_takes"), [
+    pytest.param(SCALE, ScaleDecision(decision_id="d-1", model="m", current=1, desired=3,
+                                      reason="up", decided_at=10.0), {}, True, id="scale"),
+    pytest.param(SCALE, ScaleDecision(decision_id="d-1", model="m", current=1, desired=3,
+                                      reason="up", decided_at=10.0),
+                 {"current": -1}, False, id="scale-negative"),
+    pytest.param(HEALTH, HealthEvent(event_id="h-1", worker="w-1", model="m", previous=None,
+                                     state="suspect", reason="late", at=20.0),
+                 {}, True, id="health"),
+    pytest.param(HEALTH, HealthEvent(event_id="h-1", worker="w-1", model="m", previous=None,
+                                     state="suspect", reason="late", at=20.0),
+                 {"previous": "dead"}, False, id="health-literal"),
+    pytest.param(ALERTS, Alert(alert_id="a-1", rule="lag", subject="sink", severity="warning",
+                               message="m", value=None, threshold=5.0, fired_at=30.0),
+                 {}, True, id="alert"),
+    pytest.param(ALERTS, Alert(alert_id="a-1", rule="lag", subject="sink", severity="warning",
+                               message="m", value=None, threshold=5.0, fired_at=30.0),
+                 {"value": "high"}, False, id="alert-type"),
+])
+def test_decode_other_topics_fast_path_agrees_with_the_model(
+        topic: str, event: Any, changes: dict[str, Any], fast_takes: bool) -> None:
+    _assert_paths_agree(topic, _variant(event, changes), fast_takes)
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b'{"request_id": "v-1", "request_id": "v-2"}', id="duplicate-key"),
+    pytest.param(b'{"tenant": "\\ud800"}', id="lone-surrogate"),
+    pytest.param(b'{"model_units": NaN}', id="nan"),
+])
+def test_decode_batch_fast_path_agrees_on_odd_json(raw: bytes) -> None:
+    doc = _usage_variant().decode()
+    spliced = ("{" + raw.decode()[1:-1] + ", " + doc[1:]).encode()  # odd member(s) first
     decoder = TopicDecoder(USAGE)
-    by_model = decoder._decode_each([raw]).rows[0]  # the model, one record
-    fast = decoder._rows_of_all(b"[" + raw + b"]", 1)  # the batch path's mirror
-    if by_model is None:
-        assert fast is None
-    elif "finished_at" in changes:  # a default factory (now): the rest must match
-        assert fast is not None and fast[0][:-1] == by_model[:-1]  # type: ignore[index]
-    else:
-        assert fast == [by_model]
+    by_model = decoder._decode_each([spliced])
+    assert decoder.decode([spliced]).rows == by_model.rows
+    assert decoder.decode([spliced]).bad == by_model.bad
+
+
+def test_fast_decoder_refuses_a_model_with_validators() -> None:
+    # A Struct would not run the validator: such a model keeps the pydantic batch path.
+    with pytest.raises(Unsupported, match="validators"):
+        FastDecoder(InferenceRequest)
+
+
+def test_fast_decoder_refuses_a_pattern_in_a_nested_model() -> None:
+    class Inner(BaseModel):
+        name: Annotated[str, StringConstraints(pattern=r"^a$")]
+
+    class Outer(BaseModel):
+        inner: Inner
+
+    with pytest.raises(Unsupported, match="top-level"):
+        FastDecoder(Outer)
 
 
 def test_decoder_refuses_unknown_topic() -> None:
