@@ -15,12 +15,16 @@ import bisect
 import csv
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The project's shared folder sits beside the checkout; TOKENWEIR_SHARED_DIR points
+# elsewhere (a clone in another place, a CI workspace).
+SHARED = Path(os.environ.get("TOKENWEIR_SHARED_DIR")
+              or Path(__file__).resolve().parents[2] / "shared")
 SERVEGEN = SHARED / "traces" / "servegen-deepseek-r1"
 AZURE = SHARED / "traces" / "azure2023"
 WINDOW_S = 600
@@ -57,7 +61,11 @@ def _interarrival(rng: random.Random, pattern: str, shape: float, rate: float) -
 
 
 def servegen_clients(directory: Path = SERVEGEN) -> list[int]:
-    return sorted(int(p.name.split("-")[1]) for p in directory.glob("chunk-*-trace.csv"))
+    clients = sorted(int(p.name.split("-")[1]) for p in directory.glob("chunk-*-trace.csv"))
+    if not clients:
+        raise FileNotFoundError(f"no ServeGen trace (chunk-N-trace.csv) under {directory}; "
+                                "set TOKENWEIR_SHARED_DIR to the folder holding traces/")
+    return clients
 
 
 def servegen_requests(start_s: float, duration_s: float, *, seed: int = 7,

@@ -291,7 +291,14 @@ async def run_demo(settings: Settings, say: Say, options: DemoOptions) -> bool:
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     if not options.trace.sample or not settings.models:
         raise InfraError("the demo needs a model and a non-empty sample")
-    demo = Demo(settings, say, options)
+    try:
+        demo = Demo(settings, say, options)
+    except OSError as exc:  # the trace files: missing or unreadable
+        raise InfraError(f"demo trace: {exc}") from exc
+    if not demo.plan.requests:
+        raise InfraError(f"the {options.trace.trace} trace slice holds no requests "
+                         f"(start {options.trace.start_s:g}s, duration "
+                         f"{options.trace.duration_s:g}s, sample {options.trace.sample:g})")
     say(f"demo run {demo.run_id}: {len(demo.plan.requests)} requests from "
         f"{len(demo.plan.tenants)} tenants of the {options.trace.trace} trace over "
         f"{demo.plan.wall_s:.0f}s (speed-up {options.trace.speedup:g}, "
