@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from pydantic import BaseModel, TypeAdapter
 from tqdm import tqdm
 
@@ -37,13 +37,12 @@ from schemas.config import Settings
 from schemas.cost import CostModel
 from schemas.events import Rejection, Reply, WorkerHeartbeat
 from streams import StreamsError
-from streams.client import reply_partitions
+from streams.client import follow_replies
 from streams.codec import decode
 from streams.sink import KafkaEventSink
-from streams.topics import HEARTBEATS, REQUESTS, RESPONSES
+from streams.topics import HEARTBEATS, REQUESTS
 
 Say = Callable[[str], None]
-_REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
 _BEAT: TypeAdapter[WorkerHeartbeat] = TypeAdapter(WorkerHeartbeat)
 
 
@@ -244,24 +243,13 @@ class Demo:
             await sink.stop()
 
     async def _collect(self, stop: asyncio.Event) -> None:
-        partitions = await reply_partitions(self.settings.bootstrap, RESPONSES)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap,
-                                    enable_auto_commit=False)
-        await consumer.start()
         prefix = f"demo-{self.run_id}-"
-        try:
-            tps = [TopicPartition(RESPONSES, p) for p in partitions]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            while not stop.is_set():
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    for record in records:
-                        with contextlib.suppress(StreamsError):
-                            reply = decode(record.value, _REPLY)
-                            if reply.request_id.startswith(prefix):
-                                self.replies.setdefault(reply.request_id, reply)
-        finally:
-            await consumer.stop()
+
+        def take(reply: Reply) -> None:
+            if reply.request_id.startswith(prefix):
+                self.replies.setdefault(reply.request_id, reply)
+
+        await follow_replies(self.settings.bootstrap, stop, take)
 
     async def _await_replies(self, timeout_s: float) -> None:
         want = len(self.plan.requests)

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from pydantic import BaseModel, TypeAdapter
 
 from bench.traces import TraceRequest, servegen_requests
@@ -32,13 +32,12 @@ from schemas.config import Settings
 from schemas.cost import CostModel
 from schemas.events import InferenceRequest, Rejection, Reply, TenantUsage
 from schemas.signing import Signer
-from streams.client import reply_partitions
+from streams.client import follow_replies
 from streams.codec import decode
 from streams.sink import KafkaEventSink
-from streams.topics import METERING, REQUESTS, RESPONSES
+from streams.topics import METERING, REQUESTS
 
 Say = Callable[[str], None]
-_REPLY: TypeAdapter[Reply] = TypeAdapter(Reply)
 _USAGE_SNAPSHOT: TypeAdapter[TenantUsage] = TypeAdapter(TenantUsage)
 MODEL = "deepseek-r1"
 AGENT = "agent-admission"
@@ -198,25 +197,15 @@ class Replay:
         self.say("  agent restarted")
 
     async def _collect(self, settings: Settings, stop: asyncio.Event) -> None:
-        partitions = await reply_partitions(settings.bootstrap, RESPONSES)
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            tps = [TopicPartition(RESPONSES, p) for p in partitions]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            while not stop.is_set():
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    for record in records:
-                        reply = decode(record.value, _REPLY)
-                        if not reply.request_id.startswith("sg-"):
-                            continue
-                        if reply.request_id in self.replies:
-                            self.duplicate_replies += 1
-                        else:
-                            self.replies[reply.request_id] = reply
-        finally:
-            await consumer.stop()
+        def take(reply: Reply) -> None:
+            if not reply.request_id.startswith("sg-"):
+                return
+            if reply.request_id in self.replies:
+                self.duplicate_replies += 1
+            else:
+                self.replies[reply.request_id] = reply
+
+        await follow_replies(settings.bootstrap, stop, take)
 
     async def _await_replies(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

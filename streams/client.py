@@ -47,6 +47,29 @@ async def reply_partitions(bootstrap: str, topic: str) -> list[int]:
     return sorted(p["partition"] for p in found[0]["partitions"])
 
 
+async def follow_replies(bootstrap: str, stop: asyncio.Event,
+                         on_reply: Callable[[Reply], None], topic: str = RESPONSES) -> None:
+    """Call ``on_reply`` for every reply on ``topic`` from now until ``stop``.
+
+    For observers of many clients' replies (replays, the demo); records that do
+    not decode are another producer's concern and are skipped.
+    """
+    partitions = await reply_partitions(bootstrap, topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        while not stop.is_set():
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    with contextlib.suppress(DecodeError):
+                        on_reply(decode(record.value, _REPLY))
+    finally:
+        await consumer.stop()
+
+
 class TokenweirClient:
     def __init__(
         self,
