@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from infra import procs
+from infra.clickhouse.store import ChdbStore, ClickHouseStore, ServerStore
 from infra.demo import start_pipeline
 from infra.stack import UpReport, down, up
 from schemas.config import Settings
@@ -87,6 +88,21 @@ async def pipeline(settings: Settings, stack: UpReport) -> AsyncIterator[list[st
     yield names
     for name in names:
         procs.stop(settings.run_dir(), name)
+
+
+@pytest.fixture(params=["chdb", "server"])
+async def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                settings: Settings, stack: UpReport) -> AsyncIterator[ClickHouseStore]:
+    """Each ClickHouse backend in turn: contract tests run once per implementation."""
+    backend: ClickHouseStore
+    if request.param == "chdb":
+        # chDB admits one data directory per process: every test shares this one.
+        backend = ChdbStore(tmp_path_factory.getbasetemp() / "chdb")
+    else:
+        assert settings.clickhouse_server_url is not None
+        backend = ServerStore(settings.clickhouse_server_url)
+    yield backend
+    await backend.close()
 
 
 async def eventually(check, timeout_s: float = 60.0, interval_s: float = 0.5):  # type: ignore[no-untyped-def]

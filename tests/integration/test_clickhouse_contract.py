@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from datetime import datetime
 
 import pytest
 
 from infra.clickhouse.migrate import load, migrate
-from infra.clickhouse.store import ChdbStore, ClickHouseError, ClickHouseStore, ServerStore
+from infra.clickhouse.store import ClickHouseError
 
 _db_ids = itertools.count()
 
@@ -22,18 +21,6 @@ def usage_row(request_id: str, tenant: str, mu: float, at: datetime) -> tuple:
     return (request_id, tenant, "tiny-llama", 100, 20, 0, 0, mu, "ok", 0.01, 0.02, 0.003,
             "w-1", 0, at)
 
-
-@pytest.fixture(params=["chdb", "server"])
-async def store(request, tmp_path_factory, settings, stack) -> AsyncIterator[ClickHouseStore]:
-    backend: ClickHouseStore
-    if request.param == "chdb":
-        backend = ChdbStore(tmp_path_factory.getbasetemp() / "chdb")
-    else:
-        url = settings.clickhouse_server_url
-        assert url is not None
-        backend = ServerStore(url)
-    yield backend
-    await backend.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import itertools
 import json
 import math
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -19,7 +18,7 @@ from PIL import Image
 
 from infra.cli import main
 from infra.clickhouse.migrate import migrate
-from infra.clickhouse.store import ChdbStore, ClickHouseStore, ServerStore
+from infra.clickhouse.store import ClickHouseStore, ServerStore
 from infra.report import ReportError, collect, render_html, render_text
 
 _db_ids = itertools.count()
@@ -101,17 +100,6 @@ def exact_quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(math.floor(q * len(ordered)), len(ordered) - 1)]
 
-
-@pytest.fixture(params=["chdb", "server"])
-async def store(request, tmp_path_factory, settings, stack) -> AsyncIterator[ClickHouseStore]:
-    backend: ClickHouseStore
-    if request.param == "chdb":
-        backend = ChdbStore(tmp_path_factory.getbasetemp() / "chdb")
-    else:
-        assert settings.clickhouse_server_url is not None
-        backend = ServerStore(settings.clickhouse_server_url)
-    yield backend
-    await backend.close()
 
 
 @pytest.fixture

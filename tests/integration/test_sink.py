@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from agents.sink import ClickHouseSink, SinkConfig
 from bench.sink_outage import outage_run, set_group_offsets
 from infra.clickhouse.migrate import migrate
-from infra.clickhouse.store import ChdbStore, ClickHouseStore, ServerStore
+from infra.clickhouse.store import ClickHouseStore
 from schemas.config import Settings
 from schemas.events import Alert, HealthEvent, Rejection, ScaleDecision
 from streams.codec import encode
@@ -25,18 +24,6 @@ _ids = itertools.count()
 TOPICS = (USAGE, RESPONSES, SCALE, HEALTH, ALERTS)
 MINUTE = 1_790_000_040.0  # epoch s at the start of a minute
 
-
-@pytest.fixture(params=["chdb", "server"])
-async def store(request, tmp_path_factory, settings, stack) -> AsyncIterator[ClickHouseStore]:
-    backend: ClickHouseStore
-    if request.param == "chdb":
-        backend = ChdbStore(Path(tmp_path_factory.getbasetemp()) / "chdb")
-    else:
-        url = settings.clickhouse_server_url
-        assert url is not None
-        backend = ServerStore(url)
-    yield backend
-    await backend.close()
 
 
 class RunningSink:
