@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import fnmatch
 import logging
 import signal
 import time
@@ -48,6 +47,7 @@ from schemas.tenancy import load_config
 from streams import StreamsError
 from streams.client import reply_partitions as topic_partitions
 from streams.deadletter import decode_or_dead_letter
+from streams.lag import group_lags
 from streams.sink import EventSink
 from streams.topics import ALERTS, HEALTH, RESPONSES, SCALE
 
@@ -88,17 +88,8 @@ class KafkaLagSource:
         await self._admin.close()
 
     async def poll(self) -> list[ConsumerLag]:
-        groups = sorted(g[0] for g in await self._admin.list_consumer_groups()
-                        if any(fnmatch.fnmatchcase(g[0], p) for p in self._groups))
-        committed: dict[str, dict[TopicPartition, int]] = {}
-        for group in groups:
-            offsets = await self._admin.list_consumer_group_offsets(group)
-            committed[group] = {tp: m.offset for tp, m in offsets.items() if m.offset >= 0}
-        partitions = sorted({tp for offsets in committed.values() for tp in offsets})
-        ends = await self._ends.end_offsets(partitions) if partitions else {}
-        return [ConsumerLag(group=g, lag=sum(max(0, ends[tp] - off)
-                                             for tp, off in committed[g].items()))
-                for g in groups]
+        lags = await group_lags(self._admin, self._ends, self._groups)
+        return [ConsumerLag(group=g, lag=lag) for g, lag in lags.items()]
 
 
 class AlertAgent:

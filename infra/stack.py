@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
@@ -16,6 +16,7 @@ from infra.clickhouse.store import ClickHouseStore, open_store
 from infra.kafka.broker import KafkaBroker, describe_cluster
 from infra.topics import ProvisionReport, existing_partitions, provision
 from schemas.config import Settings
+from streams.lag import group_lags
 from streams.topics import registry
 
 Say = Callable[[str], None]
@@ -131,19 +132,10 @@ async def status(settings: Settings) -> Status:
 
 
 async def _lag(admin: AIOKafkaAdminClient, bootstrap: str) -> list[GroupLag]:
-    groups = sorted(g[0] for g in await admin.list_consumer_groups())
-    committed: dict[str, dict[TopicPartition, int]] = {}
-    for group in groups:
-        offsets = await admin.list_consumer_group_offsets(group)
-        committed[group] = {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
-    partitions = {tp for offsets in committed.values() for tp in offsets}
-    if not partitions:
-        return [GroupLag(group=g, lag=0) for g in groups]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
+    ends = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await ends.start()
     try:
-        ends = await consumer.end_offsets(list(partitions))
+        lags = await group_lags(admin, ends)
     finally:
-        await consumer.stop()
-    return [GroupLag(group=g, lag=sum(max(0, ends[tp] - off) for tp, off in committed[g].items()))
-            for g in groups]
+        await ends.stop()
+    return [GroupLag(group=g, lag=lag) for g, lag in lags.items()]
