@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import pytest
-from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel, StringConstraints, TypeAdapter
 
@@ -39,6 +38,7 @@ from streams.codec import decode, encode
 from streams.sink import MemoryEventSink
 from streams.topics import ALERTS, DLQ, HEALTH, RESPONSES, SCALE, USAGE
 from tests.builders import make_result, make_usage
+from tests.fakes import FakeGroupConsumer
 
 DB = "tw"
 Record = ConsumerRecord[bytes, bytes]
@@ -332,78 +332,6 @@ def test_fresh_rows_drops_window_batch_and_known_duplicates() -> None:
 # -- the runner ---------------------------------------------------------------------------
 
 
-class FakeConsumer:
-    """A consumer group of one member, in memory; ``trace`` records commits in order."""
-
-    def __init__(self, trace: list[str], partitions: dict[str, int]) -> None:
-        self.log: dict[TopicPartition, list[Record]] = {
-            TopicPartition(t, p): [] for t, n in partitions.items() for p in range(n)}
-        self.position = dict.fromkeys(self.log, 0)
-        self.committed: dict[TopicPartition, int] = {}
-        self.paused_tps: set[TopicPartition] = set()
-        self.ever_paused = False
-        self.listener: ConsumerRebalanceListener | None = None
-        self.trace = trace
-        self.fail_commits = 0
-
-    def produce(self, topic: str, value: bytes, partition: int = 0) -> None:
-        tp = TopicPartition(topic, partition)
-        self.log[tp].append(ConsumerRecord(
-            topic=topic, partition=partition, offset=len(self.log[tp]), timestamp=0,
-            timestamp_type=0, key=b"k", value=value, checksum=None, serialized_key_size=1,
-            serialized_value_size=len(value), headers=[]))
-
-    def subscribe(self, topics: list[str], *, listener: ConsumerRebalanceListener) -> None:
-        self.listener = listener
-
-    async def start(self) -> None:
-        assert self.listener is not None
-        # Restarted: fetching resumes from the commit points.
-        self.position = {tp: self.committed.get(tp, 0) for tp in self.log}
-        await self.listener.on_partitions_assigned(set(self.log))
-
-    async def stop(self) -> None:
-        self.trace.append("stop")
-
-    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
-                      max_records: int | None = None) -> dict[TopicPartition, list[Record]]:
-        budget = max_records or 1_000_000
-        out: dict[TopicPartition, list[Record]] = {}
-        for tp in sorted(set(self.log) - self.paused_tps):
-            records = self.log[tp][self.position[tp]:self.position[tp] + budget]
-            if records:
-                out[tp] = records
-                self.position[tp] += len(records)
-                budget -= len(records)
-        if not out:
-            await asyncio.sleep(min(timeout_ms, 10) / 1000)
-        return out
-
-    def assignment(self) -> set[TopicPartition]:
-        return set(self.log)
-
-    def pause(self, *partitions: TopicPartition) -> None:
-        self.paused_tps.update(partitions)
-        self.ever_paused = True
-
-    def resume(self, *partitions: TopicPartition) -> None:
-        self.paused_tps.difference_update(partitions)
-
-    def paused(self) -> set[TopicPartition]:
-        return set(self.paused_tps)
-
-    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
-        from aiokafka.errors import CommitFailedError
-
-        assert offsets
-        if self.fail_commits:
-            self.fail_commits -= 1
-            raise CommitFailedError("rebalanced")
-        self.committed.update(offsets)
-        self.trace.append("commit " + ",".join(f"{tp.topic}/{tp.partition}={o}"
-                                               for tp, o in sorted(offsets.items())))
-
-
 class TracingStore(MemoryStore):
     def __init__(self, trace: list[str]) -> None:
         super().__init__()
@@ -418,7 +346,7 @@ class Rig:
     def __init__(self, partitions: dict[str, int] | None = None,
                  config: SinkConfig = FAST) -> None:
         self.trace: list[str] = []
-        self.consumer = FakeConsumer(self.trace, partitions or {USAGE: 2, RESPONSES: 1})
+        self.consumer = FakeGroupConsumer(partitions or {USAGE: 2, RESPONSES: 1}, self.trace)
         self.store = TracingStore(self.trace)
         self.dlq = MemoryEventSink()
         self.config = config
@@ -587,4 +515,4 @@ def test_sink_config_rejects_inverted_backoff() -> None:
         ClickHouseSink(bootstrap="x:1", store=MemoryStore(), database=DB,
                        dead_letters=MemoryEventSink(),
                        config=SinkConfig(backoff_initial_s=5, backoff_max_s=1),
-                       consumer=FakeConsumer([], {USAGE: 1}))
+                       consumer=FakeGroupConsumer({USAGE: 1}))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import TypeAdapter
 
@@ -21,6 +21,7 @@ from schemas.events import InferenceRequest, InferenceResult, UsageEvent, Worker
 from streams.codec import decode, encode
 from streams.sink import MemoryEventSink, ProduceError
 from streams.topics import DLQ, HEARTBEATS, RESERVED_MU_HEADER, USAGE, shard_topic
+from tests.fakes import FakeGroupConsumer
 from workers import WorkersError
 from workers.engines.base import EngineStats, Generation
 from workers.worker import CapacityGate, OffsetTracker, ShardWorker
@@ -105,93 +106,16 @@ def test_capacity_gate_bounds_requests_and_model_units() -> None:
 # -- fakes -----------------------------------------------------------------------------
 
 
-class FakeConsumer:
-    """The consumer-group behaviour the worker relies on, in memory."""
+class FakeConsumer(FakeGroupConsumer):
+    """The shard topic's consumer group, in memory; requests are encoded on the way in."""
 
     def __init__(self, partitions: int = 1) -> None:
-        self.log: dict[TopicPartition, list[Record]] = {tp(p): [] for p in range(partitions)}
-        self.position: dict[TopicPartition, int] = {t: 0 for t in self.log}
-        self.assigned: set[TopicPartition] = set(self.log)
-        self.paused_tps: set[TopicPartition] = set()
-        self.committed: dict[TopicPartition, int] = {}
-        self.commits: list[dict[TopicPartition, int]] = []
-        self.on_commit: Callable[[dict[TopicPartition, int]], None] | None = None
-        self.listener: ConsumerRebalanceListener | None = None
-        self.stopped = False
-        self.ever_paused = False
+        super().__init__({TOPIC: partitions})
 
-    def produce(self, request: InferenceRequest | bytes, *, partition: int = 0,
-                headers: list[tuple[str, bytes]] | None = None) -> int:
-        t = tp(partition)
+    def produce(self, request: InferenceRequest | bytes, partition: int = 0,  # type: ignore[override]
+                *, headers: list[tuple[str, bytes]] | None = None) -> int:
         value = request if isinstance(request, bytes) else encode(request)
-        offset = len(self.log[t])
-        self.log[t].append(ConsumerRecord(
-            topic=TOPIC, partition=partition, offset=offset, timestamp=0, timestamp_type=0,
-            key=None, value=value, checksum=None, serialized_key_size=0,
-            serialized_value_size=len(value), headers=headers or []))
-        return offset
-
-    def subscribe(self, topics: list[str], *, listener: ConsumerRebalanceListener) -> None:
-        assert topics == [TOPIC]
-        self.listener = listener
-
-    async def start(self) -> None:
-        assert self.listener is not None
-        await self.listener.on_partitions_assigned(set(self.assigned))
-
-    async def stop(self) -> None:
-        self.stopped = True
-
-    async def getmany(self, *partitions: TopicPartition, timeout_ms: int = 0,
-                      max_records: int | None = None) -> dict[TopicPartition, list[Record]]:
-        budget = max_records or 1_000_000
-        out: dict[TopicPartition, list[Record]] = {}
-        for t in sorted(self.assigned - self.paused_tps):
-            records = self.log[t][self.position[t]:self.position[t] + budget]
-            if records:
-                out[t] = records
-                self.position[t] += len(records)
-                budget -= len(records)
-        if not out:
-            await asyncio.sleep(min(timeout_ms, 20) / 1000)
-        return out
-
-    def assignment(self) -> set[TopicPartition]:
-        return set(self.assigned)
-
-    def pause(self, *partitions: TopicPartition) -> None:
-        self.paused_tps.update(partitions)
-        self.ever_paused = True
-
-    def resume(self, *partitions: TopicPartition) -> None:
-        self.paused_tps.difference_update(partitions)
-
-    def paused(self) -> set[TopicPartition]:
-        return set(self.paused_tps)
-
-    def seek(self, partition: TopicPartition, offset: int) -> None:
-        self.position[partition] = offset
-
-    async def commit(self, offsets: dict[TopicPartition, int] | None = None) -> None:
-        assert offsets is not None
-        for t in offsets:
-            if t not in self.assigned:
-                raise AssertionError(f"commit of unassigned {t}")
-        if self.on_commit is not None:
-            self.on_commit(offsets)
-        self.commits.append(dict(offsets))
-        self.committed.update(offsets)
-
-    async def rebalance(self, assigned: set[TopicPartition]) -> None:
-        """An eager rebalance: revoke everything, assign ``assigned`` from the commit points."""
-        assert self.listener is not None
-        await self.listener.on_partitions_revoked(set(self.assigned))
-        self.assigned = set()
-        for t in assigned:
-            self.position[t] = self.committed.get(t, 0)
-        self.assigned = set(assigned)
-        self.paused_tps &= self.assigned
-        await self.listener.on_partitions_assigned(set(assigned))
+        return super().produce(TOPIC, value, partition, headers=headers)
 
 
 class HandEngine:
