@@ -17,7 +17,10 @@ Backends (``PreprocessConfig.backend``):
 - ``"torchvision"`` (default): ``torchvision.io.decode_image`` on the raw
   bytes, then transformers' ``Qwen2VLImageProcessor``, which in
   transformers 5.x *is* the torchvision-backed processor (``TorchvisionBackend``;
-  the 4.x "fast" class was folded into it).
+  the 4.x "fast" class was folded into it), as its subclass
+  :class:`~workers.qwen2vl_processor.FusedQwen2VLImageProcessor` (same
+  resize and layout; normalise and patchify by exact faster kernels that
+  emit ``pixel_dtype`` directly).
 - ``"pil"``: ``PIL.Image.open(...).convert("RGB")`` and
   ``Qwen2VLImageProcessorPil`` (PIL/numpy), kept for comparison and parity.
 
@@ -331,7 +334,9 @@ def _build_processor(config: PreprocessConfig) -> Any:
     """Qwen2-VL's image processor with its default parameters, built locally (no hub).
 
     In transformers 5.x ``Qwen2VLImageProcessor`` is the torchvision backend
-    and ``Qwen2VLImageProcessorPil`` the PIL/numpy one.
+    and ``Qwen2VLImageProcessorPil`` the PIL/numpy one. The torchvision path
+    uses its subclass with exact faster normalise/patchify kernels that emit
+    ``pixel_dtype`` directly (:mod:`workers.qwen2vl_processor`).
     """
     kwargs: dict[str, Any] = {}
     if config.processor_min_pixels is not None:
@@ -339,9 +344,9 @@ def _build_processor(config: PreprocessConfig) -> Any:
     if config.processor_max_pixels is not None:
         kwargs["max_pixels"] = config.processor_max_pixels
     if config.backend == "torchvision":
-        from transformers.models.qwen2_vl import Qwen2VLImageProcessor
+        from workers.qwen2vl_processor import FusedQwen2VLImageProcessor
 
-        return Qwen2VLImageProcessor(**kwargs)
+        return FusedQwen2VLImageProcessor(output_dtype=_torch_dtype(config.pixel_dtype), **kwargs)
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(**kwargs)
@@ -439,7 +444,9 @@ def _preprocess_in_worker(images_b64: Sequence[str], slot: str | None = None) ->
                        else _decode_pil(i, data))
     t1 = time.perf_counter()
     try:
-        if config.backend == "torchvision":
+        if config.backend == "torchvision" and slot is not None and len(decoded) == 1:
+            out = state.processor.preprocess_into(decoded[0], _attach(slot).buf)
+        elif config.backend == "torchvision":
             out = state.processor(images=decoded, return_tensors="pt")
         else:
             out = state.processor(images=decoded, return_tensors="np")
@@ -470,12 +477,17 @@ def _write_slot(pixel_values: Any, slot: str, config: PreprocessConfig) -> bool:
     nbytes = src.numel() * dtype.itemsize
     if nbytes > config.slot_bytes:
         return False
+    dst = torch.frombuffer(_attach(slot).buf, dtype=torch.uint8, count=nbytes)
+    if dst.data_ptr() != src.data_ptr() or src.dtype != dtype:  # not already written in place
+        dst.view(dtype).view(src.shape).copy_(src)
+    return True
+
+
+def _attach(slot: str) -> shared_memory.SharedMemory:
     shm = _ATTACHED.get(slot)
     if shm is None:
         shm = _ATTACHED[slot] = shared_memory.SharedMemory(name=slot)
-    dst = torch.frombuffer(shm.buf, dtype=torch.uint8, count=nbytes)
-    dst.view(dtype).view(src.shape).copy_(src)
-    return True
+    return shm
 
 
 def _to_wire(pixel_values: Any, dtype: PixelDtype) -> np.ndarray:

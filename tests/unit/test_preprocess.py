@@ -27,6 +27,7 @@ PIL_Image = pytest.importorskip("PIL.Image")
 from workers.preprocess import (  # noqa: E402  (after the importorskips)
     Backend,
     ImagePreprocessor,
+    PixelDtype,
     PreprocessConfig,
     PreprocessError,
 )
@@ -149,7 +150,7 @@ def test_preprocess_error_is_a_workers_error() -> None:
 
 async def test_workers_report_the_class_and_threads(pre: ImagePreprocessor) -> None:
     (info,) = pre.workers
-    expected = {"torchvision": ("Qwen2VLImageProcessor", "torchvision"),
+    expected = {"torchvision": ("FusedQwen2VLImageProcessor", "torchvision"),
                 "pil": ("Qwen2VLImageProcessorPil", "pil")}[pre.config.backend]
     assert (info.processor, info.processor_backend) == expected
     assert info.torch_threads == pre.threads_per_process == available_cpus()  # pool of one
@@ -370,3 +371,44 @@ async def test_results_hold_their_slot_until_collected(
     del tensor
     gc.collect()
     assert slots.counts() == (4, 4)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param("bfloat16", id="bf16"),
+                                   pytest.param("float32", id="f32")])
+@pytest.mark.parametrize("size", [pytest.param((200, 150), id="landscape"),
+                                  pytest.param((90, 333), id="portrait-resized")])
+def test_fused_processor_matches_the_stock_processor(dtype: PixelDtype,
+                                                     size: tuple[int, int]) -> None:
+    # The torchvision path normalises after patchify, on uint8 patches, and
+    # writes into the slot; the engine must get exactly what transformers'
+    # own processor gives, bit for bit.
+    import torch
+    from torchvision.io import decode_image
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessor
+
+    from workers import preprocess as pp
+
+    pp._init_worker(PreprocessConfig(backend="torchvision", pixel_dtype=dtype), None)
+    image = _image_b64(*size, "JPEG")
+    piped = pp._preprocess_in_worker([image], None)
+    assert piped.pixel_data is not None
+    raw = torch.frombuffer(bytearray(base64.b64decode(image)), dtype=torch.uint8)
+    reference = Qwen2VLImageProcessor()(images=[decode_image(raw)],
+                                        return_tensors="pt")["pixel_values"]
+    expected = reference.to(pp._torch_dtype(dtype))
+    got = torch.from_numpy(piped.pixel_data)
+    assert torch.equal(got.view(expected.dtype), expected)
+    # The same values when written in place into a shared-memory slot.
+    from multiprocessing import shared_memory
+
+    shm = shared_memory.SharedMemory(create=True, size=expected.numel() * expected.itemsize)
+    try:
+        assert pp._preprocess_in_worker([image], shm.name).pixel_data is None
+        assert shm.buf is not None
+        in_slot = torch.frombuffer(shm.buf, dtype=torch.uint8).view(expected.dtype)
+        assert torch.equal(in_slot.view(expected.shape), expected)
+        del in_slot
+    finally:
+        pp._ATTACHED.pop(shm.name).close()
+        shm.close()
+        shm.unlink()
