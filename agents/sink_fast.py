@@ -21,6 +21,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 import annotated_types as at
@@ -56,7 +57,7 @@ class _PatternCheck:
         if mixed:
             distinct = {getattr(o, name) for o in items if type(o) is struct}
         else:
-            distinct = {getattr(o, name) for o in items}
+            distinct = set(map(attrgetter(name), items))  # the loop in C
         distinct.discard(None)
         try:
             self.values.validate_python(list(distinct), strict=True)

@@ -11,7 +11,6 @@ event or alert id), so ``row[0]`` is the id the dedupe filter works on.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -218,32 +217,34 @@ def _joined(values: Sequence[bytes | None]) -> bytes | None:
 
 
 class IdWindow:
-    """The ids written most recently (at most ``capacity``; the oldest are forgotten)."""
+    """The ids written most recently: at least the last ``capacity``, at most twice that.
+
+    Two generations of sets: ids go into the current one, and when it holds
+    ``capacity`` it becomes the previous one (the one before is forgotten).
+    Every operation is a set operation in C; a queue of ids in write order,
+    trimmed one by one, cost ~10 % of the sink's time at 100k events/s.
+    """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise AgentsError(f"id window capacity must be at least 1, not {capacity}")
         self.capacity = capacity
-        self._ids: set[str] = set()
-        self._order: deque[str] = deque()
+        self._current: set[str] = set()
+        self._previous: set[str] = set()
 
     def __contains__(self, item: object) -> bool:
-        return item in self._ids
+        return item in self._current or item in self._previous
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._current) + len(self._previous - self._current)
 
     def isdisjoint(self, ids: set[str]) -> bool:
-        return self._ids.isdisjoint(ids)
+        return self._current.isdisjoint(ids) and self._previous.isdisjoint(ids)
 
     def add_all(self, ids: Iterable[str]) -> None:
-        # Set operations run in C; the order among one call's ids does not matter.
-        fresh = set(ids)
-        fresh -= self._ids
-        self._ids |= fresh
-        self._order.extend(fresh)
-        while len(self._order) > self.capacity:
-            self._ids.discard(self._order.popleft())
+        self._current.update(ids)
+        if len(self._current) >= self.capacity:
+            self._previous, self._current = self._current, set()
 
 
 def fresh_rows(rows: Iterable[Row], window: IdWindow, seen: set[str],

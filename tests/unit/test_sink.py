@@ -308,13 +308,15 @@ def test_decoder_refuses_unknown_topic() -> None:
 # -- pure: dedupe ------------------------------------------------------------------------
 
 
-def test_id_window_forgets_the_oldest_beyond_capacity() -> None:
+def test_id_window_keeps_at_least_capacity_and_forgets_beyond_twice() -> None:
     window = IdWindow(3)
-    window.add_all(["a", "a"])
-    window.add_all(["b", "c"])
-    window.add_all(["a"])  # already there: stays as old as it was
-    window.add_all(["d"])
-    assert "a" not in window and all(x in window for x in "bcd") and len(window) == 3
+    window.add_all(["a", "a", "b"])
+    window.add_all(["c"])  # 3 ids: they become the previous generation
+    window.add_all(["d", "e"])
+    assert all(x in window for x in "abcde") and len(window) == 5
+    window.add_all(["f"])  # a second full generation: a, b, c are forgotten
+    assert not any(x in window for x in "abc") and all(x in window for x in "def")
+    assert window.isdisjoint({"a", "z"}) and not window.isdisjoint({"f"})
     with pytest.raises(AgentsError):
         IdWindow(0)
 
