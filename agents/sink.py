@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 CONSUMER_NAME = "sink"  # names the sink in dead letters
-_ID_CHARS_PER_QUERY = 200_000  # keeps a lookup under ClickHouse's max_query_size (256 KiB)
 _POLL_MS = 100
 _FETCH_RECORDS = 2000  # records per getmany at most
 _FETCH_PARTITION_BYTES = 1024 * 1024  # per partition and fetch
@@ -357,22 +356,9 @@ class ClickHouseSink:
         for tp, part in batch.parts.items():
             if self._state(tp).verify and part.rows and part.table.name not in batch.done:
                 asked.setdefault(part.table, {}).update(dict.fromkeys(row[0] for row in part.rows))
-        known: dict[TableSpec, set[str]] = {}
-        for table, ids in asked.items():
-            known[table] = await self._existing(table, list(ids))
-        return known
-
-    async def _existing(self, table: TableSpec, ids: list[str]) -> set[str]:
-        # One string literal split on the server parses far faster than thousands of
-        # literals; ids match schemas.events.RequestId, so they hold no ',' or quote.
-        found: set[str] = set()
-        for chunk in _chunks(ids, _ID_CHARS_PER_QUERY):
-            rows = await self._store.query(
-                f"SELECT {table.id_column} FROM {self._database}.{table.name} "
-                f"WHERE {table.id_column} IN "
-                f"(SELECT arrayJoin(splitByChar(',', '{','.join(chunk)}')))")
-            found.update(r[0] for r in rows)
-        return found
+        return {table: await self._store.existing_ids(f"{self._database}.{table.name}",
+                                                      table.id_column, list(ids))
+                for table, ids in asked.items()}
 
     def _remember(self, batch: _Batch) -> None:
         for tp, part in batch.parts.items():
@@ -420,19 +406,6 @@ def _drop(batch: _Batch, revoked: Iterable[TopicPartition]) -> None:
         part = batch.parts.pop(tp, None)
         if part is not None:
             batch.records -= part.records
-
-
-def _chunks(ids: list[str], max_chars: int) -> Iterable[list[str]]:
-    chunk: list[str] = []
-    size = 0
-    for i in ids:
-        if chunk and size + len(i) + 1 > max_chars:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(i)
-        size += len(i) + 1
-    if chunk:
-        yield chunk
 
 
 async def _sleep_or_stop(delay_s: float, stop: asyncio.Event) -> None:

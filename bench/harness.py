@@ -96,9 +96,10 @@ async def group_rate(bootstrap: str, group: str, topic: str, total: int,
         await admin.close()
 
 
-async def raw_consumer_rate(bootstrap: str, topic: str, total: int) -> float:
+async def raw_consumer_rate(bootstrap: str, topic: str, total: int,
+                            group_id: str = "bench-raw") -> float:
     """Records/s of a bare aiokafka consumer reading ``topic`` from the beginning."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id="bench-raw",
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group_id,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     try:

@@ -6,7 +6,13 @@ aiokafka consumer that does nothing with them (fresh group). Then the sink
 (fresh group, in this process) consumes, validates, dedupes, inserts into chDB
 and commits; its rate runs from its first fetch to the moment every record is
 committed, like the baseline's from its first fetch. The table is checked to
-hold exactly N rows. Last line: one JSON object.
+hold exactly N rows.
+
+The two are measured in ``--rounds`` interleaved rounds (the order alternates;
+each sink round writes a fresh database, each reader is a fresh group), and
+each figure is the median of its rounds: single runs on this shared 2-core
+machine swing by ±20 % (the broker shares the cores). Last line: one JSON
+object.
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import time
+from typing import Any
 
 from bench.harness import bench_stack, log, raw_consumer_rate
+from infra.clickhouse.migrate import migrate
 from infra.clickhouse.store import ChdbStore
+from schemas.config import Settings
 from schemas.events import UsageEvent
 from streams.codec import encode
 from streams.sink import KafkaEventSink
@@ -60,14 +70,14 @@ async def produce(bootstrap: str, values: list[tuple[bytes, bytes]], topic: str 
         await sink.stop()
 
 
-async def sink_rate(settings_bootstrap: str, store: ChdbStore, database: str, total: int
-                    ) -> float:
+async def sink_rate(settings_bootstrap: str, store: ChdbStore, database: str, total: int,
+                    group: str = "bench-sink") -> float:
     from agents.sink import ClickHouseSink, SinkConfig
 
     dlq = KafkaEventSink(settings_bootstrap, client_id="bench-sink-dlq")
     await dlq.start()
     sink = ClickHouseSink(bootstrap=settings_bootstrap, store=store, database=database,
-                          dead_letters=dlq, config=SinkConfig(group_id="bench-sink",
+                          dead_letters=dlq, config=SinkConfig(group_id=group,
                                                               topics=(USAGE,)))
     stop = asyncio.Event()
     task = asyncio.create_task(sink.run(stop))
@@ -91,44 +101,66 @@ async def sink_rate(settings_bootstrap: str, store: ChdbStore, database: str, to
         await dlq.stop()
 
 
-async def main(n: int, port: int) -> dict[str, float | int | str]:
+async def sink_round(settings: Settings, store: ChdbStore, database: str, n: int,
+                     group: str) -> tuple[float, float]:
+    """(events/s, µs CPU per event) of the sink writing all ``n`` records into ``database``."""
+    await migrate(store, database)
+    cpu = time.process_time()
+    rate = await sink_rate(settings.bootstrap, store, database, n, group)
+    cpu_us = (time.process_time() - cpu) / n * 1e6
+    [(rows, distinct)] = await store.query(
+        f"SELECT count(), uniqExact(request_id) FROM {database}.usage_events")
+    [(minute_requests,)] = await store.query(
+        f"SELECT sum(requests) FROM {database}.usage_minute")
+    if not rows == distinct == minute_requests == n:
+        raise RuntimeError(f"table holds {rows} rows ({distinct} distinct, "
+                           f"{minute_requests} in usage_minute), expected {n}")
+    return rate, cpu_us
+
+
+async def main(n: int, port: int, rounds: int) -> dict[str, Any]:
     async with bench_stack("sink", "", port=port) as settings:
         log(f"building {n} usage events")
         values = [(e.tenant.encode(), encode(e)) for e in usage_events(n)]
         started = time.monotonic()
         await produce(settings.bootstrap, values)
         log(f"produced {n} in {time.monotonic() - started:.1f}s")
-        cpu = time.process_time()
-        baseline = await raw_consumer_rate(settings.bootstrap, USAGE, n)
-        raw_cpu_us = (time.process_time() - cpu) / n * 1e6
-        log(f"raw consumer: {baseline:.0f}/s, {raw_cpu_us:.1f} µs CPU per event")
         store = ChdbStore(settings.state_dir / "chdb")
-        database = settings.clickhouse_database
-        cpu = time.process_time()
-        rate = await sink_rate(settings.bootstrap, store, database, n)
-        sink_cpu_us = (time.process_time() - cpu) / n * 1e6
-        [(rows, distinct)] = await store.query(
-            f"SELECT count(), uniqExact(request_id) FROM {database}.usage_events")
-        [(minute_requests,)] = await store.query(
-            f"SELECT sum(requests) FROM {database}.usage_minute")
-        if not rows == distinct == minute_requests == n:
-            raise RuntimeError(f"table holds {rows} rows ({distinct} distinct, "
-                               f"{minute_requests} in usage_minute), expected {n}")
-        log(f"sink: {rate:.0f}/s, {sink_cpu_us:.1f} µs CPU per event (all threads)")
+        raw: list[tuple[float, float]] = []
+        sink: list[tuple[float, float]] = []
+        for r in range(rounds):
+            order = ("raw", "sink") if r % 2 == 0 else ("sink", "raw")
+            for what in order:
+                if what == "raw":
+                    cpu = time.process_time()
+                    rate = await raw_consumer_rate(settings.bootstrap, USAGE, n, f"bench-raw-{r}")
+                    raw.append((rate, (time.process_time() - cpu) / n * 1e6))
+                    log(f"round {r}: raw consumer {rate:.0f}/s, {raw[-1][1]:.1f} µs CPU/event")
+                else:
+                    sink.append(await sink_round(settings, store,
+                                                 f"{settings.clickhouse_database}_r{r}", n,
+                                                 f"bench-sink-{r}"))
+                    log(f"round {r}: sink {sink[-1][0]:.0f}/s, {sink[-1][1]:.1f} µs CPU/event "
+                        "(all threads)")
+        await store.close()
+    rate = statistics.median(s for s, _ in sink)
+    baseline = statistics.median(b for b, _ in raw)
     # CPU per event (this process, all threads, start-up included) is steadier than
     # rates on a shared machine: it says what the sink costs beside the bare consumer.
-    return {"bench": "sink", "events": n, "events_per_s": round(rate),
+    return {"bench": "sink", "events": n, "rounds": rounds, "events_per_s": round(rate),
             "baseline_per_s": round(baseline), "ratio": round(rate / baseline, 3),
-            "cpu_us_per_event": round(sink_cpu_us, 1),
-            "baseline_cpu_us_per_event": round(raw_cpu_us, 1)}
+            "round_ratios": [round(s / b, 3) for (s, _), (b, _) in zip(sink, raw, strict=True)],
+            "cpu_us_per_event": round(statistics.median(c for _, c in sink), 1),
+            "baseline_cpu_us_per_event": round(statistics.median(c for _, c in raw), 1)}
 
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--port", type=int, default=20092, help="Kafka port (and port + 1).")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.events, args.port))))
+    print(json.dumps(asyncio.run(main(args.events, args.port, args.rounds))))
 
 
 if __name__ == "__main__":

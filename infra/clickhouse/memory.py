@@ -1,8 +1,7 @@
 """In-memory fake of :class:`~infra.clickhouse.store.ClickHouseStore` for unit tests.
 
-It keeps inserted rows per table and answers one query shape, the sink's id lookup
-``SELECT col FROM table WHERE col IN (SELECT arrayJoin(splitByChar(',', 'a,b')))``.
-Failures are injected:
+It keeps inserted rows per table and answers the id lookup
+(:meth:`MemoryStore.existing_ids`); it runs no SQL. Failures are injected:
 ``down`` makes every call raise; ``fail_inserts`` makes the next inserts raise,
 after storing their rows when ``land_before_failing`` (an insert that raised
 may still have landed).
@@ -10,13 +9,9 @@ may still have landed).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from infra.clickhouse.store import ClickHouseError, Row
-
-_LOOKUP = re.compile(r"^SELECT (\w+) FROM ([\w.]+) WHERE (\w+) IN "
-                     r"\(SELECT arrayJoin\(splitByChar\(',', '([^']*)'\)\)\)$")
 
 
 class MemoryStore:
@@ -29,6 +24,7 @@ class MemoryStore:
         self.land_before_failing = False
         self.inserts: list[tuple[str, int]] = []  # (table, rows) of every insert that landed
         self.queries: list[str] = []
+        self.lookups: list[tuple[str, list[str]]] = []  # (table, ids) of every id lookup
         self.calls = 0  # every call, failed ones included
 
     def _check(self) -> None:
@@ -42,12 +38,7 @@ class MemoryStore:
     async def query(self, sql: str) -> list[Row]:
         self._check()
         self.queries.append(sql)
-        match = _LOOKUP.match(sql.strip())
-        if match is None or match[1] != match[3]:
-            raise ClickHouseError(f"memory store cannot answer: {sql[:200]}")
-        column, table = match[1], match[2]
-        wanted = set(match[4].split(","))
-        return [(row[column],) for row in self.tables.get(table, []) if row[column] in wanted]
+        raise ClickHouseError(f"memory store runs no SQL: {sql[:200]}")
 
     async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
         self._check()
@@ -62,6 +53,12 @@ class MemoryStore:
         self.tables.setdefault(table, []).extend(
             dict(zip(columns, row, strict=True)) for row in rows)
         self.inserts.append((table, len(rows)))
+
+    async def existing_ids(self, table: str, column: str, ids: Sequence[str]) -> set[str]:
+        self._check()
+        self.lookups.append((table, list(ids)))
+        wanted = set(ids)
+        return {str(row[column]) for row in self.tables.get(table, []) if row[column] in wanted}
 
     async def close(self) -> None:
         return None

@@ -78,3 +78,17 @@ async def test_per_minute_aggregate_query_runs_on_both(store, database):
 async def test_bad_sql_raises_clickhouse_error(store):
     with pytest.raises(ClickHouseError):
         await store.query("SELECT no_such_column FROM system.one")
+
+
+@pytest.mark.parametrize("count", [pytest.param(3, id="few"),
+                                   pytest.param(30_000, id="beyond-a-query-literal")])
+async def test_existing_ids_finds_exactly_the_stored_ones(store, database, count):
+    await migrate(store, database)
+    at = datetime(2026, 3, 4, 5, 6, 7)
+    stored = [f"req-{i:06d}" for i in range(0, count, 2)]
+    await store.insert(f"{database}.usage_events", USAGE_COLUMNS,
+                       [usage_row(rid, "acme", 1.0, at) for rid in stored])
+    asked = [f"req-{i:06d}" for i in range(count)]
+    found = await store.existing_ids(f"{database}.usage_events", "request_id", asked)
+    assert found == set(stored)
+    assert await store.existing_ids(f"{database}.usage_events", "request_id", []) == set()
