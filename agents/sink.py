@@ -72,7 +72,7 @@ class SinkConfig(BaseSettings):
 
     group_id: str = "tokenweir-sink"
     topics: tuple[str, ...] = SINK_TOPICS
-    batch_max_records: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000  # records
+    batch_max_records: Annotated[int, Field(ge=1, le=1_000_000)] = 50_000  # records
     batch_max_wait_s: Annotated[float, Field(gt=0, le=60)] = 0.5  # s after a batch's first record
     window_ids: Annotated[int, Field(ge=1)] = 200_000  # ids remembered per partition, at least
     backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5  # s

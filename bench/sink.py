@@ -156,7 +156,8 @@ async def main(n: int, port: int, rounds: int) -> dict[str, Any]:
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--events", type=int, default=500_000,
+                        help="records (enough for ten 50k batches: steady state, not start-up)")
     parser.add_argument("--port", type=int, default=20092, help="Kafka port (and port + 1).")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
     args = parser.parse_args()
