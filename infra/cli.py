@@ -472,7 +472,8 @@ def demo(trace_name: str, start_s: float, duration_s: float, speedup: float, sam
 @click.option("--trace", "trace_path", type=click.Path(path_type=Path, exists=True),
               required=True, help="azure2023 directory (code + conversation merged).")
 @click.option("--policy", type=click.Choice(["all", "tokenweir", "kpa", "keda-lag", "oracle",
-                                             "static-peak"]), default="all", show_default=True)
+                                             "foresight", "static-peak"]),
+              default="all", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=Path("simulate.png"),
               show_default=True, help="PNG of demand and replicas over time.")
 @click.option("--target-utilisation", type=click.FloatRange(0.05, 1.0), default=None,

@@ -45,7 +45,11 @@ Policies: ``tokenweir`` (``agents.scaling.ScalingPolicy``, the very class the
 autoscaler agent calls), ``kpa`` (Knative KPA defaults), ``keda-lag`` (KEDA's
 Kafka lag scaler under the HPA's defaults), ``oracle`` (future known, instant
 start: per 60 s interval the fewest replicas that meet the SLO for every request
-that can meet it) and ``static-peak`` (the oracle's peak, all the time).
+that can meet it), ``foresight`` (the oracle's replicas, each asked for
+``startup_s`` before it must serve and kept until the oracle lets it go: what
+knowing the future is worth once start-up is paid, so the floor under any
+policy that must wait for its replicas) and ``static-peak`` (the oracle's peak,
+all the time).
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ from bench.traces import TraceRequest
 from schemas.cost import CostModel
 from schemas.events import ScaleDecision
 
-POLICIES = ("tokenweir", "kpa", "keda-lag", "oracle", "static-peak")
+POLICIES = ("tokenweir", "kpa", "keda-lag", "oracle", "foresight", "static-peak")
 
 
 class SimConfig(BaseModel):
@@ -420,6 +424,19 @@ def _oracle(work: Workload, cfg: SimConfig) -> np.ndarray:
     return replicas
 
 
+def _asked_ahead(serving: np.ndarray, lead_s: int) -> np.ndarray:
+    """Replicas asked for per second so that ``serving[t]`` are ready at every t.
+
+    A replica must be asked for ``lead_s`` before it serves, so at t the fleet
+    holds the most any second of [t, t + lead_s] needs.
+    """
+    if lead_s <= 0 or len(serving) == 0:
+        return serving.copy()
+    padded = np.concatenate((serving, np.full(lead_s, serving[-1])))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, lead_s + 1)
+    return np.asarray(windows.max(axis=1), dtype=np.int64)
+
+
 def _evaluate(policy: str, work: Workload, cfg: SimConfig, asked: np.ndarray,
               pcap: np.ndarray, served_p: np.ndarray, changes: int, wall_s: float
               ) -> SimResult:
@@ -437,14 +454,17 @@ def simulate(work: Workload, policy: str, cfg: SimConfig, *, peak: int | None = 
              scaler: Scaler | None = None) -> SimResult:
     t0 = time.perf_counter()
     cap_s = cfg.capacity_mu_per_min / 60.0
-    if policy in ("oracle", "static-peak"):
-        if policy == "oracle" or peak is None:
+    if policy in ("oracle", "static-peak", "foresight"):
+        if policy != "static-peak" or peak is None:
             asked = _oracle(work, cfg)
             if policy == "static-peak":
                 asked = np.full(work.seconds, int(asked.max()), dtype=np.int64)
         else:
             asked = np.full(work.seconds, peak, dtype=np.int64)
-        pcap, served = _run_fixed(Fleet(work, cfg), FleetState(), 0, asked)
+        serving = asked
+        if policy == "foresight":  # serves as the oracle; pays for every replica from its ask
+            asked = _asked_ahead(serving, math.ceil(cfg.startup_s))
+        pcap, served = _run_fixed(Fleet(work, cfg), FleetState(), 0, serving)
         changes = int(np.count_nonzero(np.diff(asked))) + 1
         return _evaluate(policy, work, cfg, asked, pcap, served, changes,
                          time.perf_counter() - t0)

@@ -46,6 +46,15 @@ def test_oracle_meets_slo_and_static_peak_costs_at_least_oracle(work: Workload) 
     assert "tokenweir" in table(list(res.values()), CFG)
 
 
+def test_foresight_serves_like_the_oracle_and_pays_startup_ahead(work: Workload) -> None:
+    oracle, foresight = (simulate(work, p, CFG) for p in ("oracle", "foresight"))
+    assert foresight.slo_attainment == oracle.slo_attainment
+    assert foresight.gpu_hours > oracle.gpu_hours  # the workload steps up once
+    lead = int(CFG.startup_s)
+    for t, need in enumerate(oracle.replicas):  # every replica is asked for lead_s early
+        assert foresight.replicas[max(0, t - lead)] >= need
+
+
 def test_starting_replicas_serve_only_after_startup() -> None:
     # Idle, then a step: nothing asked before the step can serve before startup_s passes.
     reqs = [TraceRequest(at=100 + i * 0.05, tenant="t", input_tokens=1000, output_tokens=100)
