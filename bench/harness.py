@@ -37,8 +37,8 @@ async def bench_stack(name: str, control_toml: str, *, port: int = 29092,
     settings = Settings(state_dir=state, control_config=state / "control.toml",
                         kafka_port=port, kafka_controller_port=port + 1,
                         tenant_partitions=tenant_partitions, shard_partitions=4)
-    await up(settings, log)
     try:
+        await up(settings, log)  # inside: a broker started before a failure is stopped
         yield settings
     except BaseException:
         for path in sorted((state / "logs").glob("agent-*.log")):
