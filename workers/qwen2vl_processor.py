@@ -53,6 +53,7 @@ class FusedQwen2VLImageProcessor(Qwen2VLImageProcessor):
         self.output_dtype = output_dtype
         self._deferred: _Deferred | None = None
         self._destination: memoryview | None = None
+        self._scratch: torch.Tensor | None = None
 
     def preprocess_into(self, image: torch.Tensor, destination: memoryview) -> Any:
         """Process one image, writing its pixel values straight into ``destination`` if they fit.
@@ -95,11 +96,17 @@ class FusedQwen2VLImageProcessor(Qwen2VLImageProcessor):
                                   grid_w // merge_size, merge_size, patch_size
                                   ).permute(0, 2, 5, 3, 6, 1, 4, 7
                                             ).reshape(batch * patches, channels, patch_size ** 2)
-        values = _normalise(gathered, deferred, channels)
+        values = _normalise(gathered, deferred, channels, self._float_scratch(gathered.numel()))
         out = self._output((batch * patches, channels, temporal_patch_size, patch_size ** 2))
         out.copy_(values.unsqueeze(2).expand(out.shape))  # repeat + dtype, 196-value blocks
         flat = out.view(batch, patches, channels * temporal_patch_size * patch_size ** 2)
         return flat, grid_h, grid_w
+
+    def _float_scratch(self, count: int) -> torch.Tensor:
+        """A float32 buffer of ``count`` values, reused across calls (values are copied out)."""
+        if self._scratch is None or self._scratch.numel() < count:
+            self._scratch = torch.empty(count, dtype=torch.float32)
+        return self._scratch[:count]
 
     def _output(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The patch array: in the caller's destination (once per call) or a new one."""
@@ -118,17 +125,24 @@ def _hashable(value: float | list[float]) -> float | tuple[float, ...]:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _normalise(gathered: torch.Tensor, deferred: _Deferred, channels: int) -> torch.Tensor:
-    """The parent's float32 arithmetic, element for element, on (n, channels, k) uint8."""
+def _normalise(gathered: torch.Tensor, deferred: _Deferred, channels: int,
+               scratch: torch.Tensor) -> torch.Tensor:
+    """The parent's float32 arithmetic, element for element, on (n, channels, k) uint8.
+
+    In place in ``scratch`` (flat float32, as many values): converting first and
+    then subtracting and dividing in place runs ~3x faster than letting ``sub``
+    promote the uint8 operand itself, with the same results.
+    """
+    values = scratch.view(gathered.shape)
+    values.copy_(gathered)
     if deferred.do_normalize:
         # torchvision's normalize: (x - mean) / std, on float32.
         mean = torch.as_tensor(deferred.mean, dtype=torch.float32).expand(channels)
         std = torch.as_tensor(deferred.std, dtype=torch.float32).expand(channels)
-        values = torch.sub(gathered, mean.view(1, channels, 1))
-        return values.div_(std.view(1, channels, 1))
+        return values.sub_(mean.view(1, channels, 1)).div_(std.view(1, channels, 1))
     if deferred.do_rescale:
-        return gathered * deferred.rescale_factor
-    return gathered.to(torch.float32)
+        return values.mul_(deferred.rescale_factor)
+    return values
 
 
 __all__ = ["FusedQwen2VLImageProcessor"]
