@@ -39,4 +39,8 @@ def run(settings: Settings, names: list[str], *, loglevel: str = "WARNING") -> N
     asyncio.set_event_loop(loop)
     logging.getLogger("faust").setLevel(loglevel)
     worker = faust.Worker(app, loop=loop, loglevel=loglevel, quiet=True)
+    # No terminal spinner: to spin on every log message, Faust sets the root logger to
+    # DEBUG, and every aiokafka debug call then builds a record that no handler wants
+    # (~8 % of the admission agent's time at 1,000 requests/s).
+    worker.spinner = None
     worker.execute_from_commandline()

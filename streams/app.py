@@ -27,6 +27,9 @@ def create_app(settings: Settings, *, app_id: str | None = None) -> faust.App:
         topic_partitions=settings.tenant_partitions,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # 2 ms of batching: at a steady trickle every record would otherwise be its
+        # own produce request (measured: a sixth of the admission agent's time).
+        producer_linger=0.002,
         producer_max_request_size=16 * 1024 * 1024,
         broker_commit_interval=1.0,
         # A killed agent's partitions move to the others (or to its restart) after
