@@ -14,7 +14,7 @@ float32 operations as the parent's. What changes is the order:
   *uint8* pixels (one byte each, not yet repeated), normalises those
   (per column: the patch dimension is channel-major, so each column has one
   channel) and writes them, repeated and converted to ``output_dtype``, with
-  one contiguous-block copy, straight into the caller's buffer when it has
+  contiguous-block copies, straight into the caller's buffer when it has
   one (:meth:`FusedQwen2VLImageProcessor.preprocess_into`: a shared-memory
   slot).
 
@@ -98,7 +98,11 @@ class FusedQwen2VLImageProcessor(Qwen2VLImageProcessor):
                                             ).reshape(batch * patches, channels, patch_size ** 2)
         values = _normalise(gathered, deferred, channels, self._float_scratch(gathered.numel()))
         out = self._output((batch * patches, channels, temporal_patch_size, patch_size ** 2))
-        out.copy_(values.unsqueeze(2).expand(out.shape))  # repeat + dtype, 196-value blocks
+        # The dtype conversion once, then the temporal repeats as same-dtype block copies
+        # (faster than one broadcasting conversion into every repeat).
+        out[:, :, 0].copy_(values)
+        for t in range(1, temporal_patch_size):
+            out[:, :, t].copy_(out[:, :, 0])
         flat = out.view(batch, patches, channels * temporal_patch_size * patch_size ** 2)
         return flat, grid_h, grid_w
 
