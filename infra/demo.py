@@ -76,6 +76,7 @@ class TenantTotals(BaseModel):
     requests: int = 0  # replies: ok + error + rejected
     ok: int = 0
     rejected: int = 0
+    served: int = 0  # replies from a worker (ok + error): one UsageEvent each
     input_tokens: int = 0
     output_tokens: int = 0
     model_units: float = 0.0  # MU, rounded to µMU
@@ -90,6 +91,7 @@ def totals_from_replies(replies: dict[str, Reply], cost: CostModel) -> dict[str,
         if isinstance(reply, Rejection):
             t.rejected += 1
             continue
+        t.served += 1
         if reply.status == "ok":
             t.ok += 1
         u = reply.usage
@@ -114,9 +116,10 @@ async def totals_from_clickhouse(store: ClickHouseStore, database: str, run_id: 
         f"FROM {database}.request_results FINAL WHERE request_id LIKE '{prefix}' "
         f"GROUP BY tenant")
     totals: dict[str, TenantTotals] = defaultdict(TenantTotals)
-    for tenant, _, inp, out, mu in usage:
+    for tenant, served, inp, out, mu in usage:
         t = totals[tenant]
-        t.input_tokens, t.output_tokens, t.model_units = int(inp), int(out), round(float(mu), 6)
+        t.served, t.input_tokens, t.output_tokens = int(served), int(inp), int(out)
+        t.model_units = round(float(mu), 6)
     for tenant, n, ok, rejected in results:
         t = totals[tenant]
         t.requests, t.ok, t.rejected = int(n), int(ok), int(rejected)
@@ -125,14 +128,15 @@ async def totals_from_clickhouse(store: ClickHouseStore, database: str, run_id: 
 
 def totals_table(replayed: dict[str, TenantTotals], stored: dict[str, TenantTotals]) -> str:
     head = (f"{'tenant':<12} {'source':<10} {'requests':>8} {'ok':>6} {'rejected':>8} "
-            f"{'in tokens':>10} {'out tokens':>10} {'MU':>14}  match")
+            f"{'usage':>6} {'in tokens':>10} {'out tokens':>10} {'MU':>14}  match")
     lines = [head, "-" * len(head)]
     for tenant in sorted(set(replayed) | set(stored)):
         a, b = replayed.get(tenant, TenantTotals()), stored.get(tenant, TenantTotals())
         same = "yes" if a == b else "NO"
         for source, t in (("replayed", a), ("clickhouse", b)):
             lines.append(f"{tenant:<12} {source:<10} {t.requests:>8} {t.ok:>6} {t.rejected:>8} "
-                         f"{t.input_tokens:>10} {t.output_tokens:>10} {t.model_units:>14.6f}  "
+                         f"{t.served:>6} {t.input_tokens:>10} {t.output_tokens:>10} "
+                         f"{t.model_units:>14.6f}  "
                          + (same if source == "clickhouse" else ""))
     return "\n".join(lines)
 
@@ -262,13 +266,16 @@ class Demo:
 
     async def _await_sink(self, store: ClickHouseStore, timeout_s: float = 60.0
                           ) -> dict[str, TenantTotals]:
-        """ClickHouse's totals once the sink has written every reply (or the timeout)."""
+        """ClickHouse's totals once the sink has written every reply and every usage event
+        (or the timeout). Both counts: the two topics reach the sink independently."""
         db = self.settings.clickhouse_database
+        served = sum(1 for r in self.replies.values() if not isinstance(r, Rejection))
         deadline = time.monotonic() + timeout_s
         while True:
             stored = await totals_from_clickhouse(store, db, self.run_id)
-            if sum(t.requests for t in stored.values()) >= len(self.replies) \
-                    or time.monotonic() > deadline:
+            done = (sum(t.requests for t in stored.values()) >= len(self.replies)
+                    and sum(t.served for t in stored.values()) >= served)
+            if done or time.monotonic() > deadline:
                 return stored
             await asyncio.sleep(1.0)
 
