@@ -376,7 +376,8 @@ async def test_results_hold_their_slot_until_collected(
 @pytest.mark.parametrize("dtype", [pytest.param("bfloat16", id="bf16"),
                                    pytest.param("float32", id="f32")])
 @pytest.mark.parametrize("size", [pytest.param((200, 150), id="landscape"),
-                                  pytest.param((90, 333), id="portrait-resized")])
+                                  pytest.param((90, 333), id="portrait-resized"),
+                                  pytest.param((640, 480), id="several-chunks")])
 def test_fused_processor_matches_the_stock_processor(dtype: PixelDtype,
                                                      size: tuple[int, int]) -> None:
     # The torchvision path normalises after patchify, on uint8 patches, and
