@@ -478,7 +478,7 @@ def _write_slot(pixel_values: Any, slot: str, config: PreprocessConfig) -> bool:
     if nbytes > config.slot_bytes:
         return False
     dst = torch.frombuffer(_attach(slot).buf, dtype=torch.uint8, count=nbytes)
-    if dst.data_ptr() != src.data_ptr() or src.dtype != dtype:  # not already written in place
+    if dst.data_ptr() != src.data_ptr():  # not already written there by preprocess_into
         dst.view(dtype).view(src.shape).copy_(src)
     return True
 

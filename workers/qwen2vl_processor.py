@@ -27,6 +27,7 @@ the output against the stock processor: bit-identical in both dtypes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,9 +44,10 @@ class _Deferred:
 
     do_rescale: bool
     rescale_factor: float
-    do_normalize: bool
-    mean: Any  # float32 tensor (channels,) or a float: the parent's fused values
-    std: Any
+    # The parent's fused mean and std as float32, shaped (1, channels, 1) to broadcast
+    # over (patches, channels, values); None without normalisation.
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
 
 
 class FusedQwen2VLImageProcessor(Qwen2VLImageProcessor):
@@ -82,7 +84,11 @@ class FusedQwen2VLImageProcessor(Qwen2VLImageProcessor):
             do_normalize=do_normalize, image_mean=_hashable(image_mean),
             image_std=_hashable(image_std),
             do_rescale=do_rescale, rescale_factor=rescale_factor, device=images.device)
-        self._deferred = _Deferred(do_rescale, rescale_factor, do_normalize, mean, std)
+        channels = images.shape[1]
+        self._deferred = _Deferred(
+            do_rescale, rescale_factor,
+            _per_channel(mean, channels) if do_normalize else None,
+            _per_channel(std, channels) if do_normalize else None)
         return images  # patchify applies it, on a quarter of the bytes
 
     def patchify(self, images: torch.Tensor, patch_size: int, merge_size: int,
@@ -107,7 +113,7 @@ class FusedQwen2VLImageProcessor(Qwen2VLImageProcessor):
         scratch = self._float_scratch(min(step, batch * patches) * channels * patch_size ** 2)
         for start in range(0, batch * patches, step):
             rows = gathered[start:start + step]
-            values = _normalise(rows, deferred, channels, scratch[:rows.numel()])
+            values = _normalise(rows, deferred, scratch[:rows.numel()])
             # The dtype conversion once, then the temporal repeats as same-dtype copies.
             chunk = out[start:start + step]
             chunk[:, :, 0].copy_(values)
@@ -125,10 +131,7 @@ class FusedQwen2VLImageProcessor(Qwen2VLImageProcessor):
     def _output(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The patch array: in the caller's destination (once per call) or a new one."""
         destination, self._destination = self._destination, None
-        count = 1
-        for d in shape:
-            count *= d
-        nbytes = count * self.output_dtype.itemsize
+        nbytes = math.prod(shape) * self.output_dtype.itemsize
         if destination is None or nbytes > destination.nbytes:
             return torch.empty(shape, dtype=self.output_dtype)
         raw = torch.frombuffer(destination, dtype=torch.uint8, count=nbytes)
@@ -139,8 +142,12 @@ def _hashable(value: float | list[float]) -> float | tuple[float, ...]:
     return tuple(value) if isinstance(value, list) else value
 
 
-def _normalise(gathered: torch.Tensor, deferred: _Deferred, channels: int,
-               scratch: torch.Tensor) -> torch.Tensor:
+def _per_channel(value: Any, channels: int) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32).expand(channels).view(1, channels, 1)
+
+
+def _normalise(gathered: torch.Tensor, deferred: _Deferred, scratch: torch.Tensor
+               ) -> torch.Tensor:
     """The parent's float32 arithmetic, element for element, on (n, channels, k) uint8.
 
     In place in ``scratch`` (flat float32, as many values): converting first and
@@ -149,11 +156,9 @@ def _normalise(gathered: torch.Tensor, deferred: _Deferred, channels: int,
     """
     values = scratch.view(gathered.shape)
     values.copy_(gathered)
-    if deferred.do_normalize:
+    if deferred.mean is not None and deferred.std is not None:
         # torchvision's normalize: (x - mean) / std, on float32.
-        mean = torch.as_tensor(deferred.mean, dtype=torch.float32).expand(channels)
-        std = torch.as_tensor(deferred.std, dtype=torch.float32).expand(channels)
-        return values.sub_(mean.view(1, channels, 1)).div_(std.view(1, channels, 1))
+        return values.sub_(deferred.mean).div_(deferred.std)
     if deferred.do_rescale:
         return values.mul_(deferred.rescale_factor)
     return values

@@ -76,7 +76,7 @@ class ChdbStore:
     def __init__(self, path: Path) -> None:
         self.path = path.resolve()
         self._thread = _OneThread("chdb")
-        self._scratch: str | None = None  # the Arrow file inserts go through (see insert)
+        self._scratch: str | None = None  # the Arrow file inserts and id lookups go through
 
     def _session(self) -> Any:
         session = _CHDB_SESSIONS.get(self.path)
@@ -121,10 +121,7 @@ class ChdbStore:
         import pyarrow as pa
 
         try:
-            arrow = _arrow_rows(pa, columns, rows)
-            path = self._scratch_path()
-            with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, arrow.schema) as writer:
-                writer.write_table(arrow)
+            path = self._write_scratch(pa, _arrow_rows(pa, columns, rows))
         except (pa.ArrowException, ValueError, TypeError, OverflowError, OSError) as exc:
             raise ClickHouseError(f"chDB insert into {table}: {exc}") from exc
         names = ", ".join(f"`{c}`" for c in columns)
@@ -141,25 +138,27 @@ class ChdbStore:
         import pyarrow as pa
 
         try:
-            arrow = pa.table({"id": pa.array(ids, type=pa.string())})
-            path = self._scratch_path()
-            with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, arrow.schema) as writer:
-                writer.write_table(arrow)
+            path = self._write_scratch(pa, pa.table({"id": pa.array(ids, type=pa.string())}))
         except (pa.ArrowException, TypeError, OSError) as exc:
             raise ClickHouseError(f"chDB id lookup in {table}: {exc}") from exc
         result = self._run(f"SELECT {column} FROM {table} WHERE {column} IN "
                            f"(SELECT id FROM file('{path}', 'ArrowStream'))", "TabSeparated")
         return set(result.bytes().decode().split("\n")) - {""}
 
-    def _scratch_path(self) -> str:
-        # One file per store, rewritten by each insert or lookup (they run one at a
-        # time on the store's thread); mkstemp names hold no quote.
+    def _write_scratch(self, pa: Any, arrow: Any) -> str:
+        """Write ``arrow`` as an Arrow IPC stream to this store's scratch file; its path.
+
+        One file per store, rewritten by each insert or lookup (they run one at a
+        time on the store's thread); mkstemp names hold no quote.
+        """
         if self._scratch is None:
             shm = Path("/dev/shm")
             fd, self._scratch = tempfile.mkstemp(
                 prefix="tokenweir-chdb-", suffix=".arrow",
                 dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None)
             os.close(fd)
+        with pa.OSFile(self._scratch, "wb") as sink, pa.ipc.new_stream(sink, arrow.schema) as w:
+            w.write_table(arrow)
         return self._scratch
 
     async def close(self) -> None:
@@ -253,12 +252,13 @@ class ServerStore:
                                   send_receive_timeout=60, settings={"use_numpy": False})
         return self._client
 
-    def _run(self, sql: str, params: Any = None, *, columnar: bool = False) -> Any:
+    def _run(self, sql: str, params: Any = None, *, columnar: bool = False,
+             external_tables: list[dict[str, Any]] | None = None) -> Any:
         from clickhouse_driver import errors as ch_errors
 
         try:
-            return self._connected().execute(sql, params, columnar=columnar) \
-                if params is not None else self._connected().execute(sql)
+            return self._connected().execute(sql, params, columnar=columnar,
+                                             external_tables=external_tables)
         except (ch_errors.Error, OSError, EOFError) as exc:
             if self._client is not None:
                 self._client.disconnect()
@@ -290,18 +290,8 @@ class ServerStore:
         external = [{"name": "tw_ids", "structure": [("id", "String")],
                      "data": [{"id": i} for i in ids]}]
         sql = f"SELECT {column} FROM {table} WHERE {column} IN (SELECT id FROM tw_ids)"
-        rows = await self._thread.call(lambda: self._run_external(sql, external))
+        rows = await self._thread.call(lambda: self._run(sql, external_tables=external))
         return {r[0] for r in rows}
-
-    def _run_external(self, sql: str, external: list[dict[str, Any]]) -> Any:
-        from clickhouse_driver import errors as ch_errors
-
-        try:
-            return self._connected().execute(sql, external_tables=external)
-        except (ch_errors.Error, OSError, EOFError) as exc:
-            if self._client is not None:
-                self._client.disconnect()
-            raise ClickHouseError(f"ClickHouse {self._host}:{self._port}: {exc}") from exc
 
     async def close(self) -> None:
         await self._thread.call(lambda: self._client and self._client.disconnect())
