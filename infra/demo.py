@@ -169,13 +169,13 @@ class Demo:
             await self._await_fleet(since=started)
             await self._drive()
             await self._await_replies(timeout_s=120)
-            stored = await self._await_sink(store)
+            replayed = totals_from_replies(self.replies, self.plan.cost)
+            stored = await self._await_sink(store, replayed)
             stop.set()
             for task, outcome in zip(background, await asyncio.gather(
                     *background, return_exceptions=True), strict=True):
                 if isinstance(outcome, BaseException):
                     self.say(f"WARNING: {task.get_name()} failed: {outcome!r}")
-            replayed = totals_from_replies(self.replies, self.plan.cost)
             self.say("\nper-tenant totals, replayed vs ClickHouse "
                      f"({store.backend}, run {self.run_id}):")
             self.say(totals_table(replayed, stored))
@@ -264,16 +264,17 @@ class Demo:
             self.say(f"WARNING: {want - len(self.replies)} of {want} requests unanswered "
                      f"after {timeout_s:.0f}s")
 
-    async def _await_sink(self, store: ClickHouseStore, timeout_s: float = 60.0
-                          ) -> dict[str, TenantTotals]:
+    async def _await_sink(self, store: ClickHouseStore, replayed: dict[str, TenantTotals],
+                          timeout_s: float = 60.0) -> dict[str, TenantTotals]:
         """ClickHouse's totals once the sink has written every reply and every usage event
         (or the timeout). Both counts: the two topics reach the sink independently."""
         db = self.settings.clickhouse_database
-        served = sum(1 for r in self.replies.values() if not isinstance(r, Rejection))
+        requests = sum(t.requests for t in replayed.values())
+        served = sum(t.served for t in replayed.values())
         deadline = time.monotonic() + timeout_s
         while True:
             stored = await totals_from_clickhouse(store, db, self.run_id)
-            done = (sum(t.requests for t in stored.values()) >= len(self.replies)
+            done = (sum(t.requests for t in stored.values()) >= requests
                     and sum(t.served for t in stored.values()) >= served)
             if done or time.monotonic() > deadline:
                 return stored
