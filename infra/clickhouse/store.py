@@ -125,8 +125,13 @@ class ChdbStore:
         except (pa.ArrowException, ValueError, TypeError, OverflowError, OSError) as exc:
             raise ClickHouseError(f"chDB insert into {table}: {exc}") from exc
         names = ", ".join(f"`{c}`" for c in columns)
+        # optimize_on_insert=0: a ReplacingMergeTree would otherwise deduplicate each
+        # inserted block by its key before writing it, which doubled the insert's time
+        # (50k usage rows: ~110 ms -> ~50 ms); the sink never inserts a repeated id, and
+        # background merges still replace whatever a redelivery slipped past it.
         self._run(f"INSERT INTO {table} ({names}) SELECT {names} "
-                  f"FROM file('{path}', 'ArrowStream')", "TabSeparated")
+                  f"FROM file('{path}', 'ArrowStream') SETTINGS optimize_on_insert = 0",
+                  "TabSeparated")
 
     async def existing_ids(self, table: str, column: str, ids: Sequence[str]) -> set[str]:
         if not ids:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from agents.sink import ClickHouseSink, SinkConfig
+from bench.sink import produce as produce_keyed
 from bench.sink_outage import outage_run, set_group_offsets
 from infra.clickhouse.migrate import migrate
 from infra.clickhouse.store import ClickHouseStore
@@ -19,6 +20,7 @@ from streams.codec import encode
 from streams.sink import KafkaEventSink
 from streams.topics import ALERTS, HEALTH, RESPONSES, SCALE, USAGE
 from tests.builders import make_result, make_usage
+from tests.integration.conftest import eventually
 
 _ids = itertools.count()
 TOPICS = (USAGE, RESPONSES, SCALE, HEALTH, ALERTS)
@@ -146,3 +148,72 @@ async def test_sink_clickhouse_server_outage_loses_and_duplicates_nothing(
     assert result["retries"] >= 1
     assert result["lost"] == 0 and result["duplicated"] == 0
     assert result["rows"] == result["distinct"] == result["produced"]
+
+
+class Member:
+    """One sink of a group, started and stopped by the test."""
+
+    def __init__(self, settings: Settings, store: ClickHouseStore, database: str,
+                 group: str) -> None:
+        self.dlq = KafkaEventSink(settings.bootstrap, client_id="test-sink-dlq")
+        self.sink = ClickHouseSink(bootstrap=settings.bootstrap, store=store, database=database,
+                                   dead_letters=self.dlq,
+                                   config=SinkConfig(group_id=group, batch_max_wait_s=0.2))
+        self.stop_event = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Member:
+        await self.dlq.start()
+        self.task = asyncio.create_task(self.sink.run(self.stop_event))
+        return self
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        assert self.task is not None
+        await self.task
+        await self.dlq.stop()
+
+
+async def counted(check: Callable[[], bool]) -> bool:
+    return check()
+
+
+async def test_sink_members_joining_and_leaving_mid_stream_write_each_event_once(
+        store, settings, stack):
+    """Two sinks of one group over a live stream: the second joins while the first is
+    writing (a rebalance takes partitions from it), then the first leaves (its
+    partitions move to the second). Each event lands exactly once."""
+    n = next(_ids)
+    database, group, tag = f"tw_sink_{n}", f"test-sink-members-{store.backend}-{n}", f"m{n}"
+    await migrate(store, database)
+    await set_group_offsets(settings.bootstrap, group, (USAGE,))
+    events = [(f"{tag}-{i}".encode(), encode(make_usage(request_id=f"{tag}-{i}",
+                                                          finished_at=MINUTE + i % 60)))
+              for i in range(4000)]
+
+    async def stream() -> None:  # keyed by request: every partition gets some; ~16 s
+        for start in range(0, len(events), 50):
+            await produce_keyed(settings.bootstrap, events[start:start + 50])
+            await asyncio.sleep(0.2)
+
+    async def all_rows() -> bool:
+        [(count,)] = await store.query(f"SELECT count() FROM {database}.usage_events")
+        return int(count) >= len(events)
+
+    producing = asyncio.create_task(stream())
+    first = await Member(settings, store, database, group).start()
+    assert await eventually(lambda: counted(lambda: first.sink.counters.rows >= 200),
+                            interval_s=0.05)
+    second = await Member(settings, store, database, group).start()
+    assert await eventually(lambda: counted(lambda: second.sink.counters.rows > 0),
+                            interval_s=0.05)
+    assert not producing.done()  # both joined mid-stream
+    await first.stop()
+    await producing
+    assert await eventually(all_rows, timeout_s=90, interval_s=0.2)
+    await second.stop()
+    [(count, distinct)] = await store.query(
+        f"SELECT count(), uniqExact(request_id) FROM {database}.usage_events")
+    assert (count, distinct) == (len(events), len(events))
+    [(requests,)] = await store.query(f"SELECT sum(requests) FROM {database}.usage_minute")
+    assert requests == len(events)
