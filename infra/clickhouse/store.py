@@ -127,8 +127,10 @@ class ChdbStore:
         names = ", ".join(f"`{c}`" for c in columns)
         # optimize_on_insert=0: a ReplacingMergeTree would otherwise deduplicate each
         # inserted block by its key before writing it, which doubled the insert's time
-        # (50k usage rows: ~110 ms -> ~50 ms); the sink never inserts a repeated id, and
-        # background merges still replace whatever a redelivery slipped past it.
+        # (50k usage rows: ~110 ms -> ~50 ms). Nothing depends on it: the sink never
+        # inserts a repeated id, exact reads use FINAL, and background merges replace
+        # whatever a redelivery slipped past (as they do on the server, whose 18.16
+        # has no such setting).
         self._run(f"INSERT INTO {table} ({names}) SELECT {names} "
                   f"FROM file('{path}', 'ArrowStream') SETTINGS optimize_on_insert = 0",
                   "TabSeparated")

@@ -10,7 +10,6 @@ from collections.abc import Callable
 import pytest
 
 from agents.sink import ClickHouseSink, SinkConfig
-from bench.sink import produce as produce_keyed
 from bench.sink_outage import outage_run, set_group_offsets
 from infra.clickhouse.migrate import migrate
 from infra.clickhouse.store import ClickHouseStore
@@ -28,31 +27,55 @@ MINUTE = 1_790_000_040.0  # epoch s at the start of a minute
 
 
 
+class Member:
+    """One sink of a group, started and stopped by the test."""
+
+    def __init__(self, settings: Settings, store: ClickHouseStore, database: str,
+                 group: str) -> None:
+        self.dlq = KafkaEventSink(settings.bootstrap, client_id="test-sink-dlq")
+        self.sink = ClickHouseSink(bootstrap=settings.bootstrap, store=store, database=database,
+                                   dead_letters=self.dlq,
+                                   config=SinkConfig(group_id=group, batch_max_wait_s=0.2))
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Member:
+        await self.dlq.start()
+        self._task = asyncio.create_task(self.sink.run(self._stop))
+        return self
+
+    async def until(self, done: Callable[[ClickHouseSink], bool],
+                    timeout_s: float = 60.0) -> None:
+        assert self._task is not None
+        async with asyncio.timeout(timeout_s):
+            while not done(self.sink):
+                if self._task.done():
+                    self._task.result()  # the sink's own failure, not a timeout
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task is None or self._stop.is_set():
+            return
+        self._stop.set()
+        await self._task
+        await self.dlq.stop()
+
+
 class RunningSink:
+    """A fresh member per run: started, run until ``done``, stopped."""
+
     def __init__(self, settings: Settings, store: ClickHouseStore, database: str,
                  group: str) -> None:
         self.settings, self.store, self.database, self.group = settings, store, database, group
 
     async def run_until(self, done: Callable[[ClickHouseSink], bool],
                         timeout_s: float = 60.0) -> ClickHouseSink:
-        dlq = KafkaEventSink(self.settings.bootstrap, client_id="test-sink-dlq")
-        await dlq.start()
-        sink = ClickHouseSink(bootstrap=self.settings.bootstrap, store=self.store,
-                              database=self.database, dead_letters=dlq,
-                              config=SinkConfig(group_id=self.group, batch_max_wait_s=0.2))
-        stop = asyncio.Event()
-        task = asyncio.create_task(sink.run(stop))
+        member = await Member(self.settings, self.store, self.database, self.group).start()
         try:
-            async with asyncio.timeout(timeout_s):
-                while not done(sink):
-                    if task.done():
-                        task.result()
-                    await asyncio.sleep(0.05)
+            await member.until(done, timeout_s)
         finally:
-            stop.set()
-            await task
-            await dlq.stop()
-        return sink
+            await member.stop()
+        return member.sink
 
 
 async def produce(bootstrap: str, records: list[tuple[str, bytes]]) -> None:
@@ -150,34 +173,6 @@ async def test_sink_clickhouse_server_outage_loses_and_duplicates_nothing(
     assert result["rows"] == result["distinct"] == result["produced"]
 
 
-class Member:
-    """One sink of a group, started and stopped by the test."""
-
-    def __init__(self, settings: Settings, store: ClickHouseStore, database: str,
-                 group: str) -> None:
-        self.dlq = KafkaEventSink(settings.bootstrap, client_id="test-sink-dlq")
-        self.sink = ClickHouseSink(bootstrap=settings.bootstrap, store=store, database=database,
-                                   dead_letters=self.dlq,
-                                   config=SinkConfig(group_id=group, batch_max_wait_s=0.2))
-        self.stop_event = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def start(self) -> Member:
-        await self.dlq.start()
-        self.task = asyncio.create_task(self.sink.run(self.stop_event))
-        return self
-
-    async def stop(self) -> None:
-        self.stop_event.set()
-        assert self.task is not None
-        await self.task
-        await self.dlq.stop()
-
-
-async def counted(check: Callable[[], bool]) -> bool:
-    return check()
-
-
 async def test_sink_members_joining_and_leaving_mid_stream_write_each_event_once(
         store, settings, stack):
     """Two sinks of one group over a live stream: the second joins while the first is
@@ -192,9 +187,16 @@ async def test_sink_members_joining_and_leaving_mid_stream_write_each_event_once
               for i in range(4000)]
 
     async def stream() -> None:  # keyed by request: every partition gets some; ~16 s
-        for start in range(0, len(events), 50):
-            await produce_keyed(settings.bootstrap, events[start:start + 50])
-            await asyncio.sleep(0.2)
+        producer = KafkaEventSink(settings.bootstrap, client_id="test-sink-producer")
+        await producer.start()
+        try:
+            for i, (key, value) in enumerate(events, 1):
+                await producer.send(USAGE, value, key=key)
+                if i % 50 == 0:  # acknowledged in paced steps, the last one included
+                    await producer.flush()
+                    await asyncio.sleep(0.2)
+        finally:
+            await producer.stop()
 
     async def all_rows() -> bool:
         [(count,)] = await store.query(f"SELECT count() FROM {database}.usage_events")
@@ -202,16 +204,19 @@ async def test_sink_members_joining_and_leaving_mid_stream_write_each_event_once
 
     producing = asyncio.create_task(stream())
     first = await Member(settings, store, database, group).start()
-    assert await eventually(lambda: counted(lambda: first.sink.counters.rows >= 200),
-                            interval_s=0.05)
-    second = await Member(settings, store, database, group).start()
-    assert await eventually(lambda: counted(lambda: second.sink.counters.rows > 0),
-                            interval_s=0.05)
-    assert not producing.done()  # both joined mid-stream
-    await first.stop()
-    await producing
-    assert await eventually(all_rows, timeout_s=90, interval_s=0.2)
-    await second.stop()
+    second = Member(settings, store, database, group)
+    try:
+        await first.until(lambda s: s.counters.rows >= 200)
+        await second.start()
+        await second.until(lambda s: s.counters.rows > 0)
+        assert not producing.done()  # both joined mid-stream
+        await first.stop()
+        await producing
+        assert await eventually(all_rows, timeout_s=90, interval_s=0.2)
+    finally:
+        await first.stop()
+        await second.stop()
+        await producing
     [(count, distinct)] = await store.query(
         f"SELECT count(), uniqExact(request_id) FROM {database}.usage_events")
     assert (count, distinct) == (len(events), len(events))
