@@ -7,6 +7,7 @@ An in-memory consumer stands in for aiokafka and :class:`MemoryStore` for ClickH
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -517,3 +518,31 @@ def test_sink_config_rejects_inverted_backoff() -> None:
                        dead_letters=MemoryEventSink(),
                        config=SinkConfig(backoff_initial_s=5, backoff_max_s=1),
                        consumer=FakeGroupConsumer({USAGE: 1}))
+
+
+async def test_sink_overlapping_runs_restore_the_gc_settings_once_both_stop() -> None:
+    # Sinks raise the young-generation threshold while they run (several may share a
+    # process); the process's own settings come back only after the last one stops.
+    before = gc.get_threshold()
+    first, second = Rig(), Rig()
+    first.consumer.produce(USAGE, usage("u-1"))
+    second.consumer.produce(USAGE, usage("u-2"))
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(first.sink().run(stop_first)),
+             asyncio.create_task(second.sink().run(stop_second))]
+    try:
+        async with asyncio.timeout(5):
+            while not (first.all_committed() and second.all_committed()):
+                for task in tasks:
+                    if task.done():
+                        task.result()  # a sink's own error, not a timeout
+                await asyncio.sleep(0.005)
+        assert gc.get_threshold()[0] > before[0] and gc.get_freeze_count() > 0
+        stop_first.set()
+        await tasks[0]
+        assert gc.get_threshold()[0] > before[0]  # the second still runs
+    finally:
+        stop_first.set()
+        stop_second.set()
+        await asyncio.gather(*tasks)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
