@@ -74,13 +74,10 @@ ALERTS_TABLE = TableSpec("alerts", (
     "alert_id", "rule", "subject", "severity", "message", "value", "threshold", "fired_at"))
 
 
-# DateTime columns get whole epoch seconds: both stores pass integers through
-# untouched (clickhouse-driver and ClickHouse's text formats read them as Unix time).
-_USAGE_FIELDS = attrgetter(*USAGE_TABLE.columns[:-1])  # one C call for the plain columns
-
-
-def _usage_row(e: UsageEvent) -> Row:
-    return (*_USAGE_FIELDS(e), int(e.finished_at))
+# DateTime columns get epoch seconds; both stores truncate fractional ones to the
+# second. The usage row is every column straight from the event, so the row is
+# built by one C call (a Python function building it cost ~0.3 µs/event more).
+_usage_row: Callable[[UsageEvent], Row] = attrgetter(*USAGE_TABLE.columns)
 
 
 NO_SHARD = -1  # request_results.shard when the reply names none (rejections)

@@ -66,6 +66,14 @@ def _datetime(value: datetime | float | int) -> datetime:
     return datetime.fromtimestamp(float(value), UTC).replace(tzinfo=None)
 
 
+def _whole_seconds(value: Any) -> Any:
+    """A DateTime column's value as the driver takes it: fractional epoch seconds are
+    truncated (as ClickHouse's cast from Float64 does), datetimes made naive UTC."""
+    if isinstance(value, float):
+        return int(value)
+    return _datetime(value) if isinstance(value, datetime) else value
+
+
 # chDB allows one session per process; every store on a path shares it.
 _CHDB_SESSIONS: dict[Path, Any] = {}
 
@@ -249,6 +257,7 @@ class ServerStore:
         self._password = parsed.password or ""
         self._thread = _OneThread("clickhouse")
         self._client: Any = None
+        self._timed: dict[str, frozenset[str]] = {}  # table -> its DateTime columns
 
     def _connected(self) -> Any:
         if self._client is None:
@@ -281,13 +290,29 @@ class ServerStore:
     async def insert(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
         if not rows:
             return
+        await self._thread.call(lambda: self._insert_columns(table, columns, rows))
+
+    def _insert_columns(self, table: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
         # Columnar: the driver skips its per-row checks and transposition (several
-        # times faster); only columns that hold datetimes are converted.
-        data = [[_datetime(v) if isinstance(v, datetime) else v for v in col]
-                if any(isinstance(v, datetime) for v in col) else list(col)
-                for col in zip(*rows, strict=True)]
+        # times faster). DateTime columns are converted here: the driver takes only
+        # datetimes and whole epoch seconds, where ClickHouse's own cast (chDB's path)
+        # also takes fractional seconds and truncates them.
+        timed = self._datetime_columns(table)
+        data = [[_whole_seconds(v) for v in col] if name in timed else list(col)
+                for name, col in zip(columns, zip(*rows, strict=True), strict=True)]
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES"
-        await self._thread.call(lambda: self._run(sql, data, columnar=True))
+        self._run(sql, data, columnar=True)
+
+    def _datetime_columns(self, table: str) -> frozenset[str]:
+        """Names of ``table``'s DateTime columns (asked once per table)."""
+        names = self._timed.get(table)
+        if names is None:
+            described = self._run(f"DESCRIBE TABLE {table}")
+            names = self._timed[table] = frozenset(
+                name for name, ch_type, *_ in described
+                if ch_type.removeprefix("Nullable(").startswith("DateTime")
+                and not ch_type.removeprefix("Nullable(").startswith("DateTime64"))
+        return names
 
     async def existing_ids(self, table: str, column: str, ids: Sequence[str]) -> set[str]:
         if not ids:

@@ -64,6 +64,21 @@ async def test_datetime_and_types_round_trip(store, database):
     assert (finished, shard, mu, tenant) == (at, 0, 0.5, "t")
 
 
+@pytest.mark.parametrize("at", [
+    pytest.param(1_767_323_045, id="whole-epoch-seconds"),
+    pytest.param(1_767_323_045.999, id="fractional-epoch-seconds-truncated"),
+    pytest.param(datetime(2026, 1, 2, 3, 4, 5), id="naive-utc-datetime"),
+])
+async def test_datetime_column_takes_epoch_seconds_or_datetimes(store, database, at):
+    await migrate(store, database)
+    await store.insert(f"{database}.usage_events", USAGE_COLUMNS, [usage_row("r-1", "t", 1.0, at)])
+    [(finished,)] = await store.query(
+        f"SELECT toUnixTimestamp(finished_at) FROM {database}.usage_events")
+    [(minute,)] = await store.query(
+        f"SELECT toUnixTimestamp(minute) FROM {database}.usage_minute")
+    assert (finished, minute) == (1_767_323_045, 1_767_323_040)
+
+
 async def test_per_minute_aggregate_query_runs_on_both(store, database):
     await migrate(store, database)
     rows = [usage_row(f"r-{i}", "acme", 1.0, datetime(2026, 1, 1, 0, i // 3, i % 60))
