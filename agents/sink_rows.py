@@ -103,10 +103,8 @@ def _health_row(e: HealthEvent) -> Row:
 
 
 def _alert_row(e: Alert) -> Row:
-    # value/threshold are Float64 (not Nullable): an alert without them stores 0.
-    return (e.alert_id, e.rule, e.subject, e.severity, e.message,
-            0.0 if e.value is None else e.value,
-            0.0 if e.threshold is None else e.threshold, int(e.fired_at))
+    return (e.alert_id, e.rule, e.subject, e.severity, e.message, e.value, e.threshold,
+            int(e.fired_at))
 
 
 @dataclass(frozen=True)

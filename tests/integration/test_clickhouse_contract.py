@@ -90,6 +90,18 @@ async def test_per_minute_aggregate_query_runs_on_both(store, database):
     assert [m[1] for m in minutes] == [3.0, 3.0, 3.0]
 
 
+async def test_alert_without_figures_reads_back_null(store, database):
+    await migrate(store, database)
+    columns = ["alert_id", "rule", "subject", "severity", "message", "value", "threshold",
+               "fired_at"]
+    await store.insert(f"{database}.alerts", columns, [
+        ("a-1", "worker-down", "w-1", "critical", "gone", None, None, 1_767_323_045),
+        ("a-2", "lag", "sink", "warning", "behind", 1200.0, 1000.0, 1_767_323_046)])
+    rows = await store.query(f"SELECT alert_id, value, threshold FROM {database}.alerts FINAL "
+                             "ORDER BY alert_id")
+    assert rows == [("a-1", None, None), ("a-2", 1200.0, 1000.0)]
+
+
 async def test_bad_sql_raises_clickhouse_error(store):
     with pytest.raises(ClickHouseError):
         await store.query("SELECT no_such_column FROM system.one")

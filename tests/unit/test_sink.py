@@ -91,7 +91,7 @@ def test_decode_scale_health_alerts() -> None:
     assert TopicDecoder(HEALTH).decode([encode(health)]).rows == [
         ("h-1", "w-1", "m", "", "suspect", "late", 20)]
     assert TopicDecoder(ALERTS).decode([encode(alert)]).rows == [
-        ("a-1", "lag", "sink", "warning", "m", 0.0, 5.0, 30)]
+        ("a-1", "lag", "sink", "warning", "m", None, 5.0, 30)]
 
 
 def test_decode_batch_with_bad_records_keeps_the_good_ones() -> None:
