@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from infra import InfraError
 from schemas.config import Settings
 from schemas.errors import SchemaError
+from sim import POLICIES
 from workers.engines import ENGINE_NAMES
 
 if TYPE_CHECKING:
@@ -471,8 +472,7 @@ def demo(trace_name: str, start_s: float, duration_s: float, speedup: float, sam
 @main.command()
 @click.option("--trace", "trace_path", type=click.Path(path_type=Path, exists=True),
               required=True, help="azure2023 directory (code + conversation merged).")
-@click.option("--policy", type=click.Choice(["all", "tokenweir", "kpa", "keda-lag", "oracle",
-                                             "foresight", "static-peak"]),
+@click.option("--policy", type=click.Choice(["all", *POLICIES]),
               default="all", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=Path("simulate.png"),
               show_default=True, help="PNG of demand and replicas over time.")
@@ -484,7 +484,7 @@ def simulate(trace_path: Path, policy: str, plot_path: Path,
     from agents.scaling import ScalingConfig
     from bench.traces import azure_requests
     from schemas.cost import CostModel
-    from sim.simulator import POLICIES, SimConfig, TokenweirScaler, Workload, plot, table
+    from sim.simulator import SimConfig, TokenweirScaler, Workload, plot, table
     from sim.simulator import simulate as run_policy
 
     cfg = SimConfig()

@@ -68,8 +68,7 @@ from agents.scaling import DemandWindow, ScalingConfig, ScalingPolicy, ScalingSt
 from bench.traces import TraceRequest
 from schemas.cost import CostModel
 from schemas.events import ScaleDecision
-
-POLICIES = ("tokenweir", "kpa", "keda-lag", "oracle", "foresight", "static-peak")
+from sim import POLICIES
 
 
 class SimConfig(BaseModel):

@@ -301,7 +301,11 @@ class ServerStore:
         data = [[_whole_seconds(v) for v in col] if name in timed else list(col)
                 for name, col in zip(columns, zip(*rows, strict=True), strict=True)]
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES"
-        self._run(sql, data, columnar=True)
+        try:
+            self._run(sql, data, columnar=True)
+        except ClickHouseError:
+            self._timed.pop(table, None)  # in case the table changed: described anew
+            raise
 
     def _datetime_columns(self, table: str) -> frozenset[str]:
         """Names of ``table``'s DateTime columns (asked once per table)."""
