@@ -245,6 +245,24 @@ class AlertEvaluator:
                 fired.append(candidate)
         return fired
 
+    @property
+    def lookback_s(self) -> float:
+        """How far back a restarted agent re-reads the streams to refill every window (s)."""
+        return max((r.window_s for r in self.rules
+                    if isinstance(r, TenantThrottledRule | TtftSloRule)), default=0.0)
+
+    @property
+    def longest_cooldown_s(self) -> float:
+        """How far back published alerts can still hold a cooldown (s)."""
+        return max((r.cooldown_s for r in self.rules), default=0.0)
+
+    def restore(self, state: AlertState, alert: Alert) -> None:
+        """Take in an alert published before a restart: its cooldown holds as if it had
+        fired in this process, so a refilled window does not fire it again."""
+        key = (alert.rule, alert.subject)
+        if alert.fired_at > state.last_fired.get(key, -math.inf):
+            state.last_fired[key] = alert.fired_at
+
     def sweep(self, state: AlertState, now: float) -> None:
         """Forget windows that emptied and cooldowns that ended (bounds memory)."""
         windows = {r.name: r.window_s for r in self.rules

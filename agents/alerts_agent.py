@@ -1,12 +1,17 @@
 """The alerting agent: streams and consumer lag in, Alerts on ``tw.alerts`` out.
 
-It reads ``tw.responses``, ``tw.health`` and ``tw.scale`` from their ends
-(alerts are about now: after a restart the windows refill within one window
-length), polls every consumer group's lag through the Kafka admin API every
-``lag_interval_s``, feeds each observation to the pure
-:class:`agents.alerting.AlertEvaluator` and produces what it decides, keyed
-``<rule>/<subject>``. It joins no consumer group and commits nothing, so it
-never shows up in the lag it watches.
+It reads ``tw.responses``, ``tw.health`` and ``tw.scale``, polls every
+consumer group's lag through the Kafka admin API every ``lag_interval_s``,
+feeds each observation to the pure :class:`agents.alerting.AlertEvaluator` and
+produces what it decides, keyed ``<rule>/<subject>``. It joins no consumer
+group and commits nothing, so it never shows up in the lag it watches.
+
+A restart neither blinds it nor repeats it. It first reads back the alerts it
+published within the longest cooldown, whose cooldowns then hold as before.
+Then it starts its topics the longest window back (by record time), so its
+windows are full at once. A record from before the start is observed at its
+record time, and a later one at the clock. An alert that fires from the replay
+is one that was missed while the agent was down.
 
 A record that does not decode is dead-lettered to ``tw.dlq`` with its reason;
 a failed lag poll or produce is logged and counted. Neither stops the agent.
@@ -18,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -42,10 +48,11 @@ from agents.alerting import (
 )
 from schemas.config import Settings
 from schemas.errors import SchemaError
-from schemas.events import HealthEvent, Reply, ScaleDecision
+from schemas.events import Alert, HealthEvent, Reply, ScaleDecision
 from schemas.tenancy import load_config
-from streams import StreamsError
+from streams import DecodeError, StreamsError
 from streams.client import reply_partitions as topic_partitions
+from streams.codec import decode
 from streams.deadletter import decode_or_dead_letter
 from streams.lag import group_lags
 from streams.sink import EventSink
@@ -58,6 +65,7 @@ _ADAPTERS: dict[str, TypeAdapter[Any]] = {
     HEALTH: TypeAdapter(HealthEvent),
     SCALE: TypeAdapter(ScaleDecision),
 }
+_ALERT: TypeAdapter[Alert] = TypeAdapter(Alert)
 SWEEP_S = 30.0  # how often emptied windows and ended cooldowns are forgotten
 
 
@@ -104,15 +112,20 @@ class AlertAgent:
         self._clock = clock
         self.name = name
         self.state = AlertState()
+        # When run() began (epoch s): older records are replayed, observed at their own
+        # time. Until then every record is observed at the clock.
+        self._started_at = -math.inf
         # observed, dead_lettered, alerts, lag_polls, lag_poll_errors, produce_errors
         self.counts: collections.Counter[str] = collections.Counter()
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False,
                                     client_id=f"tokenweir-{self.name}")
+        self._started_at = self._clock()
         try:
             await consumer.start()
-            await self._assign_at_end(consumer)
+            await self._restore_cooldowns(consumer)
+            await self._assign_from(consumer, self._started_at - self._evaluator.lookback_s)
         except KafkaError as exc:
             await consumer.stop()
             raise AgentsError(f"alerter cannot read its topics: {exc!r}") from exc
@@ -139,19 +152,54 @@ class AlertAgent:
             await self._flush()
             await consumer.stop()
 
-    async def _assign_at_end(self, consumer: AIOKafkaConsumer) -> None:
+    async def _partitions(self, topics: list[str]) -> list[TopicPartition]:
         tps = []
-        for topic in _ADAPTERS:
+        for topic in topics:
             try:
                 partitions = await topic_partitions(self._bootstrap, topic)
             except StreamsError as exc:
                 raise AgentsError(f"{exc} (run `tokenweir up`)") from exc
             tps += [TopicPartition(topic, p) for p in partitions]
+        return tps
+
+    async def _seek_to_time(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition],
+                            since: float) -> None:
+        """Each partition at its first record from ``since`` (epoch s) on, else at its end."""
         consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        # Resolve positions now: a record produced after ready is set is never skipped.
+        found = await consumer.offsets_for_times({tp: max(0, int(since * 1000)) for tp in tps})
         for tp in tps:
+            hit = found.get(tp)
+            if hit is None:
+                await consumer.seek_to_end(tp)
+            else:
+                consumer.seek(tp, hit.offset)
+            # Resolved now: a record produced after ready is set is never skipped.
             await consumer.position(tp)
+
+    async def _assign_from(self, consumer: AIOKafkaConsumer, since: float) -> None:
+        await self._seek_to_time(consumer, await self._partitions(list(_ADAPTERS)), since)
+
+    async def _restore_cooldowns(self, consumer: AIOKafkaConsumer) -> None:
+        """Read back the alerts published within the longest cooldown."""
+        tps = await self._partitions([ALERTS])
+        await self._seek_to_time(consumer, tps, self._started_at
+                                 - self._evaluator.longest_cooldown_s)
+        ends = await consumer.end_offsets(tps)
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in tps])
+
+        while await behind():
+            for records in (await consumer.getmany(*tps, timeout_ms=500)).values():
+                for record in records:
+                    try:
+                        alert = decode(record.value, _ALERT)
+                    except DecodeError as exc:  # not ours to dead-letter: skip it
+                        log.warning("undecodable alert at %s@%d: %s", record.topic,
+                                    record.offset, exc.reason)
+                        continue
+                    self._evaluator.restore(self.state, alert)
+                    self.counts["cooldowns_restored"] += 1
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
@@ -166,11 +214,13 @@ class AlertAgent:
         if event is None:
             self.counts["dead_lettered"] += 1
             return
-        await self._observe(event)
+        at = record.timestamp / 1000
+        await self._observe(event, at if 0 < at < self._started_at else None)
 
-    async def _observe(self, obs: Observation) -> None:
+    async def _observe(self, obs: Observation, at: float | None = None) -> None:
+        """``at``: when it happened (epoch s) if not now (a record from before the start)."""
         self.counts["observed"] += 1
-        for alert in self._evaluator.observe(self.state, obs, self._clock()):
+        for alert in self._evaluator.observe(self.state, obs, self._clock() if at is None else at):
             try:
                 await self._sink.send(ALERTS, alert, key=alert_key(alert))
             except StreamsError as exc:

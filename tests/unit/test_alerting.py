@@ -285,6 +285,31 @@ def test_sweep_forgets_expired_windows_and_cooldowns() -> None:
     assert not state.throttle and not state.last_fired
 
 
+def test_restored_alert_holds_its_cooldown_after_a_restart() -> None:
+    evaluator = AlertEvaluator(parse_rules(UNHEALTHY))  # cooldown_s = 60
+    before_restart = run(UNHEALTHY, [make_health()], start=T0 - 30)
+    state = AlertState()
+    evaluator.restore(state, before_restart[0])
+    assert evaluator.observe(state, make_health(), T0) == []  # 30 s into its cooldown
+    assert [a.fired_at for a in evaluator.observe(state, make_health(), T0 + 31)] == [T0 + 31]
+
+
+def test_restore_keeps_the_latest_of_several_alerts_of_one_subject() -> None:
+    evaluator = AlertEvaluator(parse_rules(UNHEALTHY))
+    state = AlertState()
+    latest, earlier = (run(UNHEALTHY, [make_health()], start=t)[0] for t in (T0 - 10, T0 - 100))
+    evaluator.restore(state, latest)
+    evaluator.restore(state, earlier)  # read later (another partition): still the latest
+    assert state.last_fired == {("unhealthy", "w-1"): T0 - 10}
+
+
+def test_lookback_is_the_longest_window_and_cooldown_the_longest_cooldown() -> None:
+    evaluator = AlertEvaluator(parse_rules(THROTTLED + TTFT + UNHEALTHY + LAG))
+    assert evaluator.lookback_s == 300  # TTFT's window; lag and health have none
+    assert evaluator.longest_cooldown_s == 300  # the default, above UNHEALTHY's 60
+    assert AlertEvaluator(parse_rules(UNHEALTHY)).lookback_s == 0
+
+
 # --- the rules file ---------------------------------------------------------------------
 
 def test_default_rules_file_loads_every_kind() -> None:
@@ -334,10 +359,27 @@ def test_rules_file_disabled_rule_never_fires() -> None:
 
 # --- the agent's handling of records (fake sink, no Kafka) -----------------------------
 
-def _record(topic: str, value: bytes, offset: int = 0) -> ConsumerRecord[bytes, bytes]:
-    return ConsumerRecord(topic=topic, partition=0, offset=offset, timestamp=0, timestamp_type=0,
-                          key=b"k", value=value, checksum=None, serialized_key_size=1,
-                          serialized_value_size=len(value), headers=())
+def _record(topic: str, value: bytes, offset: int = 0,
+            timestamp_ms: int = 0) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(topic=topic, partition=0, offset=offset, timestamp=timestamp_ms,
+                          timestamp_type=0, key=b"k", value=value, checksum=None,
+                          serialized_key_size=1, serialized_value_size=len(value), headers=())
+
+
+@pytest.mark.parametrize(("record_at", "observed_at"), [
+    pytest.param(T0 - 20, T0 - 20, id="replayed-from-before-the-start-at-its-record-time"),
+    pytest.param(T0 + 5, T0 + 7, id="live-at-the-clock"),
+])
+async def test_agent_observes_replayed_records_at_their_time_live_ones_at_the_clock(
+        record_at: float, observed_at: float) -> None:
+    sink = MemoryEventSink()
+    agent = AlertAgent("unused:0", AlertEvaluator(parse_rules(UNHEALTHY)), sink,
+                       clock=lambda: T0 + 7)
+    agent._started_at = T0  # as run() sets it
+    await agent._handle(_record(HEALTH, make_health().model_dump_json().encode(),
+                                timestamp_ms=int(record_at * 1000)))
+    [alert] = [Alert.model_validate_json(r.value) for r in sink.on(ALERTS)]
+    assert alert.fired_at == observed_at
 
 
 async def test_agent_bad_records_dead_lettered_good_ones_alert() -> None:
