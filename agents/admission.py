@@ -13,7 +13,6 @@ import collections
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -185,7 +184,6 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
     ledger = Ledger(cast(faust.Table, table), sink)
     seen: set[str] = set()  # tenants with usage, for snapshots
     rescan_at = 0.0  # when to look for tenants recovered from the changelog again
-    fleet = FleetView()
 
     async def decode_event(event: faust.EventT, adapter: TypeAdapter[_T], consumer: str
                            ) -> _T | None:
@@ -198,7 +196,6 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
         request = await decode_event(event, _REQUEST, "admission")
         if request is None:
             return
-        await fleet.known()
         msg = event.message
         decision = ctl.admit(ledger.state(request.tenant), ledger.reservation(request.request_id),
                              request, msg.offset, time.time())
@@ -232,11 +229,11 @@ def register(app: faust.App, settings: Settings) -> AdmissionController:
 
     @app.task
     async def heartbeats() -> None:
-        await follow_heartbeats(settings.bootstrap, ctl, caught_up=fleet.beats)
+        await follow_heartbeats(settings.bootstrap, ctl)
 
     @app.task
     async def health() -> None:
-        await follow_health(settings.bootstrap, ctl, caught_up=fleet.health)
+        await follow_health(settings.bootstrap, ctl)
 
     @app.timer(interval=2.0)
     async def reload_config() -> None:
@@ -273,50 +270,7 @@ def snapshot(tenant: str, state: TenantState, config: TenantConfig, now: float) 
         at=now)
 
 
-class FleetView:
-    """Whether the router has read the fleet: heartbeats and health verdicts up to where
-    each topic ended when the agent started.
-
-    Until then a (re)started agent would see no live capacity and reject pay-per-token
-    requests as ``over_capacity``, or route to a worker already judged unhealthy: so
-    decisions wait for both, at most ``wait_s`` (a follower that cannot read its topic
-    must not stop admission for good: it then decides on what it has, and says so).
-    """
-
-    def __init__(self, wait_s: float = 15.0) -> None:
-        self.beats = asyncio.Event()
-        self.health = asyncio.Event()
-        self._wait_s = wait_s
-        self._ready = False
-
-    async def known(self) -> None:
-        if self._ready:
-            return
-        try:
-            async with asyncio.timeout(self._wait_s):
-                await self.beats.wait()
-                await self.health.wait()
-        except TimeoutError:
-            log.warning("admission: deciding before the fleet was read in full "
-                        "(heartbeats %s, health %s after %.0fs)",
-                        "read" if self.beats.is_set() else "behind",
-                        "read" if self.health.is_set() else "behind", self._wait_s)
-        self._ready = True
-
-
-async def _catch_up_mark(consumer: AIOKafkaConsumer, tp: TopicPartition
-                         ) -> Callable[[], Awaitable[bool]]:
-    """A check of whether ``consumer`` has read ``tp`` up to where it ends now."""
-    end = (await consumer.end_offsets([tp]))[tp]
-
-    async def reached() -> bool:
-        return await consumer.position(tp) >= end
-
-    return reached
-
-
-async def follow_health(bootstrap: str, ctl: AdmissionController,
-                        caught_up: asyncio.Event | None = None) -> None:
+async def follow_health(bootstrap: str, ctl: AdmissionController) -> None:
     """Keep the router off the shards of workers the health agent judged unhealthy.
 
     Beats alone cannot tell: a worker beats from a thread of its own, so a hung
@@ -330,10 +284,7 @@ async def follow_health(bootstrap: str, ctl: AdmissionController,
         tp = TopicPartition(HEALTH, 0)
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
-        reached = await _catch_up_mark(consumer, tp)
         while True:
-            if caught_up is not None and not caught_up.is_set() and await reached():
-                caught_up.set()
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 for record in records:
                     try:
@@ -348,8 +299,7 @@ async def follow_health(bootstrap: str, ctl: AdmissionController,
 
 
 async def follow_heartbeats(bootstrap: str, ctl: AdmissionController,
-                            lookback_s: float = 10.0,
-                            caught_up: asyncio.Event | None = None) -> None:
+                            lookback_s: float = 10.0) -> None:
     """Feed every worker's heartbeats to the router, starting a little in the past."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
@@ -361,10 +311,7 @@ async def follow_heartbeats(bootstrap: str, ctl: AdmissionController,
             consumer.seek(tp, found[tp].offset)  # type: ignore[union-attr]
         else:
             await consumer.seek_to_end(tp)
-        reached = await _catch_up_mark(consumer, tp)
         while True:
-            if caught_up is not None and not caught_up.is_set() and await reached():
-                caught_up.set()
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 for record in records:
                     try:
