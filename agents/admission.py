@@ -36,6 +36,7 @@ from schemas.tenancy import ControlPlaneConfig, TenantConfig, load_config
 from streams import DecodeError
 from streams.app import FaustEventSink, consume_in_batches, raw_topic
 from streams.codec import decode
+from streams.consumer import seek_to_time
 from streams.deadletter import decode_or_dead_letter
 from streams.sink import EventSink
 from streams.topics import (
@@ -306,11 +307,7 @@ async def follow_heartbeats(bootstrap: str, ctl: AdmissionController,
     try:
         tp = TopicPartition(HEARTBEATS, 0)
         consumer.assign([tp])
-        found = await consumer.offsets_for_times({tp: int((time.time() - lookback_s) * 1000)})
-        if found.get(tp) is not None:
-            consumer.seek(tp, found[tp].offset)  # type: ignore[union-attr]
-        else:
-            await consumer.seek_to_end(tp)
+        await seek_to_time(consumer, [tp], time.time() - lookback_s)
         while True:
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 for record in records:

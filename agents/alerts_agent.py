@@ -46,13 +46,15 @@ from agents.alerting import (
     load_rules,
     with_scaling_maxima,
 )
+from infra import InfraError
+from infra.alerts import tail_alerts
 from schemas.config import Settings
 from schemas.errors import SchemaError
 from schemas.events import Alert, HealthEvent, Reply, ScaleDecision
 from schemas.tenancy import load_config
-from streams import DecodeError, StreamsError
+from streams import StreamsError
 from streams.client import reply_partitions as topic_partitions
-from streams.codec import decode
+from streams.consumer import seek_to_time
 from streams.deadletter import decode_or_dead_letter
 from streams.lag import group_lags
 from streams.sink import EventSink
@@ -65,7 +67,6 @@ _ADAPTERS: dict[str, TypeAdapter[Any]] = {
     HEALTH: TypeAdapter(HealthEvent),
     SCALE: TypeAdapter(ScaleDecision),
 }
-_ALERT: TypeAdapter[Alert] = TypeAdapter(Alert)
 SWEEP_S = 30.0  # how often emptied windows and ended cooldowns are forgotten
 
 
@@ -124,7 +125,7 @@ class AlertAgent:
         self._started_at = self._clock()
         try:
             await consumer.start()
-            await self._restore_cooldowns(consumer)
+            await self._restore_cooldowns()
             await self._assign_from(consumer, self._started_at - self._evaluator.lookback_s)
         except KafkaError as exc:
             await consumer.stop()
@@ -152,54 +153,33 @@ class AlertAgent:
             await self._flush()
             await consumer.stop()
 
-    async def _partitions(self, topics: list[str]) -> list[TopicPartition]:
+    async def _assign_from(self, consumer: AIOKafkaConsumer, since: float) -> None:
         tps = []
-        for topic in topics:
+        for topic in _ADAPTERS:
             try:
                 partitions = await topic_partitions(self._bootstrap, topic)
             except StreamsError as exc:
                 raise AgentsError(f"{exc} (run `tokenweir up`)") from exc
             tps += [TopicPartition(topic, p) for p in partitions]
-        return tps
-
-    async def _seek_to_time(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition],
-                            since: float) -> None:
-        """Each partition at its first record from ``since`` (epoch s) on, else at its end."""
         consumer.assign(tps)
-        found = await consumer.offsets_for_times({tp: max(0, int(since * 1000)) for tp in tps})
+        await seek_to_time(consumer, tps, since)
+        # Resolve positions now: a record produced after ready is set is never skipped.
         for tp in tps:
-            hit = found.get(tp)
-            if hit is None:
-                await consumer.seek_to_end(tp)
-            else:
-                consumer.seek(tp, hit.offset)
-            # Resolved now: a record produced after ready is set is never skipped.
             await consumer.position(tp)
 
-    async def _assign_from(self, consumer: AIOKafkaConsumer, since: float) -> None:
-        await self._seek_to_time(consumer, await self._partitions(list(_ADAPTERS)), since)
-
-    async def _restore_cooldowns(self, consumer: AIOKafkaConsumer) -> None:
+    async def _restore_cooldowns(self) -> None:
         """Read back the alerts published within the longest cooldown."""
-        tps = await self._partitions([ALERTS])
-        await self._seek_to_time(consumer, tps, self._started_at
-                                 - self._evaluator.longest_cooldown_s)
-        ends = await consumer.end_offsets(tps)
+        def restore(alert: Alert) -> None:
+            self._evaluator.restore(self.state, alert)
+            self.counts["cooldowns_restored"] += 1
 
-        async def behind() -> bool:
-            return any([await consumer.position(tp) < ends[tp] for tp in tps])
-
-        while await behind():
-            for records in (await consumer.getmany(*tps, timeout_ms=500)).values():
-                for record in records:
-                    try:
-                        alert = decode(record.value, _ALERT)
-                    except DecodeError as exc:  # not ours to dead-letter: skip it
-                        log.warning("undecodable alert at %s@%d: %s", record.topic,
-                                    record.offset, exc.reason)
-                        continue
-                    self._evaluator.restore(self.state, alert)
-                    self.counts["cooldowns_restored"] += 1
+        since = self._started_at - self._evaluator.longest_cooldown_s
+        try:
+            skipped = await tail_alerts(self._bootstrap, restore, since=since)
+        except InfraError as exc:
+            raise AgentsError(f"alerter cannot read back its alerts: {exc}") from exc
+        if skipped:
+            log.warning("alerter: %d undecodable records on %s skipped", skipped, ALERTS)
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
         try:

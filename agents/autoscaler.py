@@ -44,6 +44,7 @@ from schemas.events import Rejection, ScaleDecision, WorkerHeartbeat
 from schemas.tenancy import ControlPlaneConfig, load_config
 from streams import DecodeError
 from streams.codec import decode
+from streams.consumer import seek_to_time
 from streams.deadletter import decode_or_dead_letter
 from streams.sink import EventSink, KafkaEventSink
 from streams.topics import (
@@ -320,12 +321,8 @@ async def _assign_observed(consumer: AIOKafkaConsumer, settings: Settings,
            for p in range(spec.partitions)]
     scale = TopicPartition(SCALE, 0)
     consumer.assign([*tps, scale])
-    since = int((time.time() - lookback_s) * 1000)
-    found = await consumer.offsets_for_times({tp: since for tp in tps})
-    ends = await consumer.end_offsets([*tps, scale])
-    for tp in tps:
-        hit = found.get(tp)
-        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+    await seek_to_time(consumer, tps, time.time() - lookback_s)
+    ends = await consumer.end_offsets([scale])
     begins = await consumer.beginning_offsets([scale])
     consumer.seek(scale, max(begins[scale], ends[scale] - _SCALE_TAIL))
 

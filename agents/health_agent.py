@@ -24,6 +24,7 @@ from agents import AgentsError
 from agents.health import HealthConfig, HealthTracker
 from schemas.events import HealthEvent, WorkerHeartbeat
 from streams import StreamsError
+from streams.consumer import seek_to_time
 from streams.deadletter import decode_or_dead_letter
 from streams.sink import EventSink, KafkaEventSink
 from streams.topics import HEALTH, HEARTBEATS
@@ -55,12 +56,7 @@ async def run_health_agent(bootstrap: str, *, config: HealthConfig | None = None
         await consumer.start()
         tp = TopicPartition(HEARTBEATS, 0)
         consumer.assign([tp])
-        found = await consumer.offsets_for_times({tp: int((time.time() - lookback_s) * 1000)})
-        offset = found.get(tp)
-        if offset is not None:
-            consumer.seek(tp, offset.offset)
-        else:
-            await consumer.seek_to_end(tp)
+        await seek_to_time(consumer, [tp], time.time() - lookback_s)
         next_tick = time.monotonic()
         while not stop.is_set():
             wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))

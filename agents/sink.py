@@ -408,7 +408,7 @@ def _drop(batch: _Batch, revoked: Iterable[TopicPartition]) -> None:
 # Net new GC-tracked objects between young-generation collections while a sink runs.
 _YOUNG_THRESHOLD = 100_000
 _gc_holders = 0  # sinks running in this process (tests run several)
-_gc_previous: tuple[int, int, int] = (700, 10, 10)
+_gc_previous: tuple[int, int, int] = gc.get_threshold()  # what the last sink restores
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from schemas.events import Alert
 from streams import DecodeError, StreamsError
 from streams.client import reply_partitions as topic_partitions
 from streams.codec import decode
+from streams.consumer import behind, seek_to_time
 from streams.topics import ALERTS
 
 _ALERT: TypeAdapter[Alert] = TypeAdapter(Alert)
@@ -27,8 +28,10 @@ def format_alert(alert: Alert) -> str:
 
 
 async def tail_alerts(bootstrap: str, on_alert: Callable[[Alert], None], *,
-                      follow: bool = False, stop: asyncio.Event | None = None) -> int:
-    """Hand every alert on the topic to ``on_alert``; return how many records were skipped.
+                      follow: bool = False, stop: asyncio.Event | None = None,
+                      since: float | None = None) -> int:
+    """Hand every alert on the topic (from ``since``, epoch s, if given) to ``on_alert``;
+    return how many records were skipped.
 
     Without ``follow`` it returns at the end of the topic; with it, when ``stop`` is set.
     """
@@ -42,9 +45,12 @@ async def tail_alerts(bootstrap: str, on_alert: Callable[[Alert], None], *,
         except StreamsError as exc:
             raise InfraError(f"{exc} (run `tokenweir up`)") from exc
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        if since is None:
+            await consumer.seek_to_beginning(*tps)
+        else:
+            await seek_to_time(consumer, tps, since)
         ends = await consumer.end_offsets(tps)
-        while follow or await _behind(consumer, ends):
+        while follow or await behind(consumer, ends):
             if stop is not None and stop.is_set():
                 break
             for records in (await consumer.getmany(*tps, timeout_ms=500)).values():
@@ -58,7 +64,3 @@ async def tail_alerts(bootstrap: str, on_alert: Callable[[Alert], None], *,
         raise InfraError(f"reading {ALERTS} on {bootstrap}: {exc!r}") from exc
     finally:
         await consumer.stop()
-
-
-async def _behind(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
-    return any([await consumer.position(tp) < end for tp, end in ends.items()])

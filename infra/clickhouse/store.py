@@ -312,10 +312,10 @@ class ServerStore:
         names = self._timed.get(table)
         if names is None:
             described = self._run(f"DESCRIBE TABLE {table}")
+            bases = {name: ch_type.removeprefix("Nullable(") for name, ch_type, *_ in described}
             names = self._timed[table] = frozenset(
-                name for name, ch_type, *_ in described
-                if ch_type.removeprefix("Nullable(").startswith("DateTime")
-                and not ch_type.removeprefix("Nullable(").startswith("DateTime64"))
+                name for name, base in bases.items()
+                if base.startswith("DateTime") and not base.startswith("DateTime64"))
         return names
 
     async def existing_ids(self, table: str, column: str, ids: Sequence[str]) -> set[str]:
