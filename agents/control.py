@@ -9,7 +9,8 @@ writes it to its table and produces the records it names.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -17,7 +18,7 @@ from agents import windows
 from agents.auth import authenticate
 from agents.capacity import CapacityPool
 from agents.estimator import CostEstimator
-from agents.limiter import Reservation, TenantState, TokenBucketLimiter
+from agents.limiter import Reservation, Settlement, TenantState, TokenBucketLimiter
 from agents.router import Route, ShardRouter
 from schemas.events import InferenceRequest, Rejection, UsageEvent, WorkerHeartbeat
 from schemas.tenancy import ControlPlaneConfig
@@ -58,6 +59,39 @@ class Settle(BaseModel):
     reservation: Reservation | None  # the settled reservation, None for a duplicate
     delta_mu: float  # charged (+) or refunded (−) on top of the reservation
     duplicate: bool = False
+
+
+class UsageLike(Protocol):
+    """What settling reads of a usage record: a UsageEvent, or the sink's fast Struct of it."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def model_units(self) -> float: ...
+    @property
+    def output_tokens(self) -> int: ...
+
+
+Held = tuple[float, int]  # an open reservation: MU reserved, epoch second charged in
+UsageItem = tuple[UsageLike, int, Held | None]  # usage, its offset, its open reservation
+
+
+class SettleBatch(BaseModel):
+    """One tenant's usage records of a batch, settled."""
+
+    model_config = ConfigDict(frozen=True)
+
+    action: Literal["settle_batch"] = "settle_batch"
+    state: TenantState | None  # None: nothing to store (no admission state, or all replays)
+    settled: tuple[str, ...] = ()  # request ids whose reservations are now settled
+    # Applied before a restart that lost their reservations' deletion: delete them now.
+    closed_late: tuple[str, ...] = ()
+    duplicates: int = 0  # redeliveries (or usage of requests never admitted), charged nothing
+    why: str = ""  # when state is None
 
 
 class AdmissionController:
@@ -159,24 +193,67 @@ class AdmissionController:
     def settle(self, state: TenantState | None, existing: Reservation | None, usage: UsageEvent,
                offset: int, now: float) -> Settle | Skip:
         """Reconcile ``usage`` (record ``offset``) with its reservation ``existing``."""
-        self.router.completed(usage.request_id)
+        held = None
+        # A reservation settled by this very record (a crash lost the tenant's state) is
+        # applied again; settled by another record, it makes this one a redelivery.
+        if existing is not None and (not existing.settled or existing.settle_offset == offset):
+            held = (existing.mu, existing.slot)
+        out = self.settle_batch(state, [(usage, offset, held)], now)
+        if out.state is None:
+            return Skip(why=out.why)
+        if existing is None or not out.settled:
+            return Settle(state=out.state, reservation=None, delta_mu=0.0, duplicate=True)
+        reservation = existing.model_copy(update={
+            "actual_mu": usage.model_units, "settle_offset": offset, "settled_at": now})
+        return Settle(state=out.state, reservation=reservation,
+                      delta_mu=usage.model_units - existing.mu)
+
+    def settle_batch(self, state: TenantState | None, items: Sequence[UsageItem], now: float
+                     ) -> SettleBatch:
+        """Reconcile one tenant's usage records, in offset order, with their open
+        reservations (None: none is open, the record is a redelivery)."""
+        self.router.completed_many([usage.request_id for usage, _, _ in items])
         if state is None:
-            return Skip(why=f"usage for tenant {usage.tenant} with no admission state")
-        if offset <= state.usage_offset:
-            return Skip(why="usage already applied before a restart")
-        state = state.model_copy(update={"usage_offset": offset})
-        if existing is None or (existing.settled and existing.settle_offset != offset):
-            # Settled by an earlier record (a redelivery), or settled and purged long ago.
-            return Settle(state=state.model_copy(update={"duplicates": state.duplicates + 1}),
-                          reservation=None, delta_mu=0.0, duplicate=True)
-        # Unsettled, or settled by this very record before a crash lost the tenant's
-        # state: either way the tenant's totals do not have it yet.
-        actual = usage.model_units
-        settled = self.limiter.reconcile(state, self.config.tenant(usage.tenant), existing,
-                                         actual, now)
-        settled = settled.model_copy(update={
-            "metered": windows.add(settled.metered, usage.model, now, actual)})
-        self.estimator.observe(usage.tenant, usage.model, usage.output_tokens)
-        reservation = existing.model_copy(update={"actual_mu": actual, "settle_offset": offset,
-                                                  "settled_at": now})
-        return Settle(state=settled, reservation=reservation, delta_mu=actual - existing.mu)
+            return SettleBatch(state=None, why=f"usage for tenant {items[0][0].tenant} with no "
+                                               f"admission state")
+        applied = state.usage_offset
+        tenant = items[0][0].tenant
+        settlement = Settlement(state, self.config.tenant(tenant), now)
+        reconcile = settlement.reconcile
+        metered = windows.pruned(state.metered, now)
+        start = windows.bucket(now)
+        outputs: dict[str, list[int]] = {}
+        settled: list[str] = []
+        settled_here: set[str] = set()
+        closed_late: list[str] = []
+        duplicates, last = 0, applied
+        for usage, offset, held in items:
+            request_id = usage.request_id
+            if offset <= applied:  # applied before a restart
+                if held is not None:
+                    closed_late.append(request_id)
+                continue
+            last = offset
+            if held is None or request_id in settled_here:
+                duplicates += 1  # settled by an earlier record (a redelivery), or never admitted
+                continue
+            actual = usage.model_units
+            reconcile(held[0], held[1], actual)
+            series = metered.get(usage.model)
+            if series is None:
+                series = metered[usage.model] = {}
+            series[start] = series.get(start, 0.0) + actual
+            outputs.setdefault(usage.model, []).append(usage.output_tokens)
+            settled.append(request_id)
+            settled_here.add(request_id)
+        for model, tokens in outputs.items():
+            add = self.estimator.sketch(tenant, model).add
+            for n in tokens:
+                add(n)
+        if last == applied:
+            return SettleBatch(state=None, closed_late=tuple(closed_late),
+                               why="usage already applied before a restart")
+        return SettleBatch(
+            state=settlement.state(usage_offset=last, metered=metered,
+                                   duplicates=state.duplicates + duplicates),
+            settled=tuple(settled), closed_late=tuple(closed_late), duplicates=duplicates)

@@ -107,8 +107,12 @@ class CostEstimator:
                         model_units=cost.model_units(inputs, outputs, images))
 
     def observe(self, tenant: str, model: str, output_tokens: int) -> None:
+        self.sketch(tenant, model).add(output_tokens)
+
+    def sketch(self, tenant: str, model: str) -> StreamingQuantile:
+        """The tenant×model output-length sketch, to observe a batch into."""
         key = (tenant, model)
         sketch = self._outputs.get(key)
         if sketch is None:
             sketch = self._outputs[key] = StreamingQuantile()
-        sketch.add(output_tokens)
+        return sketch

@@ -157,23 +157,49 @@ class TokenBucketLimiter:
     def reconcile(self, state: TenantState, config: TenantConfig | None,
                   reservation: Reservation, actual_mu: float, now: float) -> TenantState:
         """Settle a reservation with the actual usage: refund or charge the difference."""
-        delta = actual_mu - reservation.mu
-        tokens = state.tokens - delta
-        if config is not None:
-            tokens = min(config.burst_mu, tokens)
+        settlement = Settlement(state, config, now)
+        settlement.reconcile(reservation.mu, reservation.slot, actual_mu)
+        return settlement.state()
+
+
+class Settlement:
+    """A tenant's state while a batch of reservations is settled at ``now``, one after
+    another. Mutable, so that settling N usage records builds one :class:`TenantState`
+    instead of N; the arithmetic is the same record by record, in the same order."""
+
+    def __init__(self, state: TenantState, config: TenantConfig | None, now: float) -> None:
+        self._state = state
+        self._burst = config.burst_mu if config is not None else math.inf
+        self._first_slot = _first_slot(now)
+        self._second = math.floor(now)
+        self.tokens = state.tokens
+        self.reserved_umu = state.reserved_umu
+        self.actual_mu = state.actual_mu
+        self.pending = state.pending
+        self.window = dict(state.window)
+
+    def reconcile(self, reserved_mu: float, slot: int, actual_mu: float) -> None:
+        delta = actual_mu - reserved_mu
+        self.tokens = min(self._burst, self.tokens - delta)
         # The difference belongs to the second the request was admitted in, so the
         # window counts actual MU by admission time. Once that second has left the
         # window, a refund has nothing left to lower and a charge lands now.
-        slot = reservation.slot
-        if slot < _first_slot(now):
-            slot = math.floor(now) if delta > 0 else -1
-        return state.model_copy(update={
-            "tokens": tokens,
-            "reserved_umu": state.reserved_umu - umu(reservation.mu),
-            "actual_mu": state.actual_mu + actual_mu,
-            "pending": max(0, state.pending - 1),
-            "window": state.window if slot < 0 else _add(state.window, slot, delta),
-        })
+        if slot < self._first_slot:
+            slot = self._second if delta > 0 else -1
+        self.reserved_umu -= round(reserved_mu * UMU)
+        self.actual_mu += actual_mu
+        if self.pending > 0:
+            self.pending -= 1
+        if slot >= 0:
+            window = self.window
+            window[slot] = max(0.0, window.get(slot, 0.0) + delta)
+
+    def state(self, **update: object) -> TenantState:
+        """The settled state, with ``update`` (other fields) applied as well."""
+        return self._state.model_copy(update={
+            "tokens": self.tokens, "reserved_umu": self.reserved_umu,
+            "actual_mu": self.actual_mu, "pending": self.pending, "window": self.window,
+            **update})
 
 
 def _add(window: dict[int, float], slot: int, mu: float) -> dict[int, float]:

@@ -1,24 +1,26 @@
 """Backbone pass-through admission: validate, then forward to the model's shard topic.
 
-Stands in for the real admission agent (limits, reservations, cost routing)
-until that lands; it already has the agent's shape: a pure decision class and
-a Faust shell that applies its decisions.
+The baseline the admission agent is measured against (``bench.admission``):
+the same shape, a pure decision class and a shell that applies its decisions,
+without authentication, limits or state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from typing import Literal
 
-import faust
+from aiokafka import TopicPartition
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from schemas.config import Settings
 from schemas.events import InferenceRequest, Rejection
-from streams.app import FaustEventSink, consume_in_batches, raw_topic
+from streams.consumer import Record
+from streams.copartition import CopartitionedLoop, group_consumer
 from streams.deadletter import decode_or_dead_letter
-from streams.sink import EventSink
+from streams.sink import EventSink, KafkaEventSink
 from streams.topics import REQUESTS, shard_topic
 
 log = logging.getLogger(__name__)
@@ -61,25 +63,41 @@ async def apply(sink: EventSink, request: InferenceRequest, decision: Forward | 
                         partition=decision.partition)
 
 
-async def _nothing() -> None:
-    """The pass-through agent keeps no state: nothing to write per batch."""
+class PassThroughAgent:
+    """Driven by the same loop as the admission agent, so that comparing the two measures
+    admission's own work, not a different way of driving Kafka. Keeps no state."""
+
+    def __init__(self, policy: PassThroughPolicy, sink: EventSink) -> None:
+        self._policy = policy
+        self._sink = sink
+
+    async def assigned(self, numbers: set[int]) -> None:
+        """Nothing to restore."""
+
+    def revoked(self, numbers: set[int]) -> None:
+        """Nothing to drop."""
+
+    async def seal(self) -> None:
+        """Nothing to write per batch."""
+
+    async def handle(self, tp: TopicPartition, records: list[Record]) -> None:
+        for record in records:
+            request = await decode_or_dead_letter(
+                self._sink, _REQUEST, raw=record.value, key=record.key, topic=record.topic,
+                partition=record.partition, offset=record.offset, consumer="passthrough")
+            if request is not None:
+                await apply(self._sink, request, self._policy.decide(request))
 
 
-def register(app: faust.App, settings: Settings) -> None:
-    policy = PassThroughPolicy(settings.models, settings.shard_partitions)
-    sink = FaustEventSink(app)
-
-    async def forward(event: faust.EventT) -> None:
-        msg = event.message
-        request = await decode_or_dead_letter(
-            sink, _REQUEST, raw=msg.value, key=msg.key, topic=msg.topic,
-            partition=msg.partition, offset=msg.offset, consumer="passthrough",
-        )
-        if request is not None:
-            await apply(sink, request, policy.decide(request))
-
-    @app.agent(raw_topic(app, REQUESTS), name="tokenweir.passthrough")
-    async def passthrough(stream: faust.StreamT[bytes]) -> None:
-        # Driven like the admission agent, so that comparing the two measures
-        # admission's own work, not a different way of driving Kafka.
-        await consume_in_batches(stream, forward, _nothing, sink.flush)
+async def run_passthrough(settings: Settings, stop: asyncio.Event) -> None:
+    sink = KafkaEventSink(settings.bootstrap, client_id="tokenweir-passthrough")
+    await sink.start()
+    agent = PassThroughAgent(PassThroughPolicy(settings.models, settings.shard_partitions), sink)
+    consumer = group_consumer(settings.bootstrap, settings.app_id,
+                              client_id="tokenweir-passthrough")
+    try:
+        await consumer.start()
+        await CopartitionedLoop(consumer, [REQUESTS], agent, sink).run(stop)
+    finally:
+        await consumer.stop()
+        await sink.stop()

@@ -124,8 +124,13 @@ class ShardRouter:
         self._outstanding[request_id] = (route.model, route.shard, cost_mu)
 
     def completed(self, request_id: str) -> None:
-        found = self._outstanding.pop(request_id, None)
-        if found is None:
-            return
-        model, shard, cost_mu = found
-        self.load[(model, shard)] = max(0.0, self.load.get((model, shard), 0.0) - cost_mu)
+        self.completed_many((request_id,))
+
+    def completed_many(self, request_ids: Iterable[str]) -> None:
+        pop, load = self._outstanding.pop, self.load
+        for request_id in request_ids:
+            found = pop(request_id, None)
+            if found is not None:
+                model, shard, cost_mu = found
+                key = (model, shard)
+                load[key] = max(0.0, load.get(key, 0.0) - cost_mu)

@@ -1,46 +1,44 @@
-"""Runs a Faust worker process hosting the named agents."""
+"""Runs the named agent in this process until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
-import faust
 import uvloop
 
 from agents import AgentsError
 from schemas.config import Settings
-from streams.app import create_app
 
 AGENTS = ("passthrough", "admission")
 
 
-def build(settings: Settings, names: list[str]) -> faust.App:
+def check(names: list[str]) -> str:
     unknown = sorted(set(names) - set(AGENTS))
     if unknown:
         raise AgentsError(f"unknown agent(s) {unknown}; known: {list(AGENTS)}")
-    if {"passthrough", "admission"} <= set(names):
+    if len(set(names)) != 1:
         raise AgentsError("passthrough and admission both consume tw.requests: run one")
-    app = create_app(settings)
-    if "passthrough" in names:
-        from agents import passthrough
+    return names[0]
 
-        passthrough.register(app, settings)
-    if "admission" in names:
-        from agents import admission
 
-        admission.register(app, settings)
-    return app
+async def serve(settings: Settings, name: str) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if name == "admission":
+        from agents.admission import run_admission
+
+        await run_admission(settings, stop)
+    else:
+        from agents.passthrough import run_passthrough
+
+        await run_passthrough(settings, stop)
 
 
 def run(settings: Settings, names: list[str], *, loglevel: str = "WARNING") -> None:
-    app = build(settings, names)
-    loop = uvloop.new_event_loop()
-    asyncio.set_event_loop(loop)
-    logging.getLogger("faust").setLevel(loglevel)
-    worker = faust.Worker(app, loop=loop, loglevel=loglevel, quiet=True)
-    # No terminal spinner: to spin on every log message, Faust sets the root logger to
-    # DEBUG, and every aiokafka debug call then builds a record that no handler wants
-    # (~8 % of the admission agent's time at 1,000 requests/s).
-    worker.spinner = None
-    worker.execute_from_commandline()
+    name = check(names)
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(serve(settings, name))

@@ -113,10 +113,6 @@ class _Mapping:
     kind: Any  # the event type (or union) the topic carries
     to_row: Callable[[Any], Row]  # of a model instance or its Struct (same attributes)
 
-    @property
-    def adapter(self) -> TypeAdapter[Any]:
-        return TypeAdapter(self.kind)
-
 
 _MAPPINGS: dict[str, _Mapping] = {
     USAGE: _Mapping(USAGE_TABLE, UsageEvent, _usage_row),
@@ -133,23 +129,20 @@ TABLES: tuple[TableSpec, ...] = tuple(m.table for m in _MAPPINGS.values())
 class DecodedBatch:
     """Rows aligned with the input values; ``None`` where ``bad`` has the reason."""
 
-    rows: list[Row | None]
+    rows: list[Any]  # rows, or events when decoded without a row mapping
     bad: dict[int, str] = field(default_factory=dict)  # input index -> reason
 
 
-class TopicDecoder:
-    """Raw values of one topic -> rows of its table."""
+class BatchDecoder:
+    """Raw values -> events of ``kind``, each mapped by ``to_row`` (the events themselves
+    when None): all at once through the fast Struct decoder when every value is good,
+    else one by one through pydantic, whose reasons name the bad ones."""
 
-    def __init__(self, topic: str) -> None:
-        mapping = _MAPPINGS.get(topic)
-        if mapping is None:
-            raise AgentsError(f"the sink does not read topic {topic!r}; it reads {SINK_TOPICS}")
-        self.topic = topic
-        self.table = mapping.table
-        self._one = mapping.adapter
-        self._many: TypeAdapter[list[Any]] = TypeAdapter(cast(Any, list)[mapping.kind])
-        self._to_row = mapping.to_row
-        self._fast = _fast_decoder(mapping.kind)
+    def __init__(self, kind: Any, to_row: Callable[[Any], Any] | None = None) -> None:
+        self._one: TypeAdapter[Any] = TypeAdapter(kind)
+        self._many: TypeAdapter[list[Any]] = TypeAdapter(cast(Any, list)[kind])
+        self._to_row = to_row
+        self._fast = _fast_decoder(kind)
 
     def decode(self, values: Sequence[bytes | None]) -> DecodedBatch:
         if len(values) <= DECODE_CHUNK:
@@ -180,17 +173,33 @@ class TopicDecoder:
                 events = self._many.validate_json(joined, strict=True)
             except ValidationError:
                 return None
-        return list(map(self._to_row, events)) if len(events) == count else None
+        if len(events) != count:
+            return None
+        return events if self._to_row is None else list(map(self._to_row, events))
 
     def _decode_each(self, values: Sequence[bytes | None]) -> DecodedBatch:
         out = DecodedBatch(rows=[])
         for i, raw in enumerate(values):
             try:
-                out.rows.append(self._to_row(decode(raw, self._one)))
+                event = decode(raw, self._one)
             except DecodeError as exc:
                 out.rows.append(None)
                 out.bad[i] = exc.reason
+                continue
+            out.rows.append(event if self._to_row is None else self._to_row(event))
         return out
+
+
+class TopicDecoder(BatchDecoder):
+    """Raw values of one topic -> rows of its table."""
+
+    def __init__(self, topic: str) -> None:
+        mapping = _MAPPINGS.get(topic)
+        if mapping is None:
+            raise AgentsError(f"the sink does not read topic {topic!r}; it reads {SINK_TOPICS}")
+        super().__init__(mapping.kind, mapping.to_row)
+        self.topic = topic
+        self.table = mapping.table
 
 
 def _fast_decoder(kind: Any) -> FastDecoder | None:

@@ -18,22 +18,20 @@ HOP_LEN_S = 10
 Buckets = dict[str, dict[int, float]]  # model -> bucket start (epoch s) -> MU
 
 
-def _bucket(now: float) -> int:
+def bucket(now: float) -> int:
+    """The start (epoch s) of the bucket ``now`` falls in."""
     return math.floor(now / BUCKET_S) * BUCKET_S
 
 
-def add(buckets: Buckets, model: str, now: float, mu: float) -> Buckets:
-    """``buckets`` with ``mu`` added at ``now``; buckets older than two minutes dropped."""
-    oldest = _bucket(now) - KEEP_S
+def pruned(buckets: Buckets, now: float) -> Buckets:
+    """A copy of ``buckets`` without those older than two minutes at ``now``: the caller
+    owns it and may add to it in place."""
+    oldest = bucket(now) - KEEP_S
     out: Buckets = {}
     for name, series in buckets.items():
         kept = {start: v for start, v in series.items() if start > oldest}
         if kept:
             out[name] = kept
-    series = dict(out.get(model, {}))
-    start = _bucket(now)
-    series[start] = series.get(start, 0.0) + mu
-    out[model] = series
     return out
 
 
@@ -46,6 +44,6 @@ def tumbling_minute(buckets: Buckets, model: str, now: float) -> float:
 
 def hopping_10s(buckets: Buckets, model: str, now: float) -> float:
     """MU in the latest 10 s hopping window (hop 5 s) that contains ``now``."""
-    last = _bucket(now)
+    last = bucket(now)
     return sum(v for start, v in buckets.get(model, {}).items()
                if last - HOP_LEN_S + BUCKET_S <= start <= last)

@@ -15,6 +15,7 @@ is what admission adds. Last line: one JSON object.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import secrets
 import statistics
@@ -69,6 +70,11 @@ async def latencies(bootstrap: str, tag: str, rate: float, seconds: float) -> li
     sink = KafkaEventSink(bootstrap, linger_ms=0, client_id="bench-latency")
     await sink.start()
     await warm_up(sink, consumer, signer, tag)
+    # The measuring process must not pause either: its heap (broker set-up, chDB, the
+    # throughput phase's records) would otherwise be scanned by full collections
+    # of 50-70 ms while it stamps arrivals.
+    gc.collect()
+    gc.freeze()
     reader = asyncio.create_task(receive())
     try:
         started = time.monotonic()

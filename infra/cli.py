@@ -179,7 +179,7 @@ def schemas_export(directory: Path) -> None:
 @click.argument("names", nargs=-1, required=True)
 @click.option("--loglevel", default="WARNING")
 def agent(names: tuple[str, ...], loglevel: str) -> None:
-    """Run Faust agents (NAMES: admission or passthrough) in this process."""
+    """Run an agent (NAME: admission or passthrough) in this process."""
     from agents import AgentsError
     from agents.runner import run
 

@@ -46,9 +46,8 @@ class Settings(BaseSettings):
     # None: built-in defaults, authentication on, no keys (everything is refused).
     control_config: Path | None = None
 
-    # Faust.
+    # The admission agent's consumer group.
     app_id: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")] = "tokenweir"
-    table_store: str = "memory://"
 
     @field_validator("models")
     @classmethod

@@ -1,4 +1,4 @@
-"""Kafka plumbing: topic registry, codecs, producers, the client library and the Faust app."""
+"""Kafka plumbing: topic registry, codecs, producers, consumers and the client library."""
 
 
 class StreamsError(Exception):

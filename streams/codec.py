@@ -1,11 +1,10 @@
-"""Bytes <-> pydantic events, and the Faust codec that bridges them."""
+"""Bytes <-> pydantic events."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, TypeVar
 
-import faust
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from schemas.events import SCHEMA_VERSION
@@ -47,17 +46,3 @@ def _schema_version(raw: bytes) -> Any:
     except ValueError:
         return None
     return doc.get("schema_version") if isinstance(doc, dict) else None
-
-
-class PydanticCodec(faust.Codec):
-    """Faust codec for one pydantic model (``value_serializer=PydanticCodec(Model)``)."""
-
-    def __init__(self, model: type[BaseModel], **kwargs: Any) -> None:
-        super().__init__(model=model, **kwargs)
-        self._adapter: TypeAdapter[BaseModel] = TypeAdapter(model)
-
-    def _dumps(self, obj: Any) -> bytes:
-        return encode(obj)
-
-    def _loads(self, s: bytes) -> Any:
-        return decode(s, self._adapter)

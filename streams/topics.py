@@ -27,17 +27,12 @@ DAY_MS = 24 * HOUR_MS
 # Header on routed requests: the MU admission reserved for the request.
 RESERVED_MU_HEADER = "tw-reserved-mu"
 
-# The admission app's Faust table, co-partitioned with tw.requests / tw.usage.
-TENANT_TABLE = "tenants"
+# The admission agent's changelog (agents.ledger), co-partitioned with tw.requests / tw.usage.
+LEDGER = "tw.ledger"
 
 
 def shard_topic(model: str) -> str:
     return f"tw.shard.{model}"
-
-
-def changelog_topic(app_id: str, table: str) -> str:
-    """The name Faust gives a table's changelog topic."""
-    return f"{app_id}-{table}-changelog"
 
 
 class TopicSpec(BaseModel):
@@ -48,11 +43,18 @@ class TopicSpec(BaseModel):
     key: str  # what the record key is; co-partitioned topics share key and count
     retention_ms: int | None = None  # None with compacted=True: keep latest per key forever
     compacted: bool = False
+    segment_bytes: int | None = None  # roll a segment at this size; None: broker default
+    segment_ms: int | None = None  # ... or at this age
     value: str  # the schemas model carried
 
     def configs(self) -> dict[str, str]:
         if self.compacted:
-            return {"cleanup.policy": "compact"}
+            configs = {"cleanup.policy": "compact"}
+            if self.segment_bytes is not None:
+                configs["segment.bytes"] = str(self.segment_bytes)
+            if self.segment_ms is not None:
+                configs["segment.ms"] = str(self.segment_ms)
+            return configs
         return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
 
 
@@ -86,11 +88,11 @@ def registry(settings: Settings) -> list[TopicSpec]:
         TopicSpec(name=METERING, partitions=1, key="tenant", compacted=True,
                   value="TenantUsage"),
     ]
-    # Faust table changelogs, created here with the source topics' partition count
-    # (Faust requires co-partitioning and races its own creation on a fresh broker).
-    topics.append(TopicSpec(name=changelog_topic(settings.app_id, TENANT_TABLE),
-                            partitions=tenants, key="t/<tenant> or r/<request id>",
-                            compacted=True, value="TenantState | Reservation"))
+    # Compacted; small segments so that compaction (which never touches the active
+    # segment) keeps what a restarted agent reads back close to one record per key.
+    topics.append(TopicSpec(name=LEDGER, partitions=tenants, key="t/<tenant> or r/<request id>",
+                            compacted=True, segment_bytes=16 * 1024 * 1024, segment_ms=10 * 60_000,
+                            value="TenantState | Reservation (agents.ledger)"))
     topics += [
         TopicSpec(name=shard_topic(model), partitions=settings.shard_partitions,
                   key="session or request id (partition chosen by the router)",

@@ -357,3 +357,58 @@ def test_controller_provisioned_within_reservation_admitted_while_shared_pool_fu
                                                      max_tokens=100), j, NOW)
         assert isinstance(d, Admit), d
         prov_state = d.state
+
+
+# -- batch settlement -------------------------------------------------------------
+def _admitted(ctl, n, tenant="acme"):
+    state, reservations = None, {}
+    for i in range(n):
+        admit = ctl.admit(state, None, make_request(request_id=f"r{i}", tenant=tenant,
+                                                    max_tokens=50 + i), i, NOW + i * 0.01)
+        assert isinstance(admit, Admit) and admit.state is not None
+        state, reservations[f"r{i}"] = admit.state, admit.reservation
+    return state, reservations
+
+
+def _held(reservation):
+    return None if reservation is None else (reservation.mu, reservation.slot)
+
+
+def test_settle_batch_equals_settling_one_record_at_a_time():
+    ctl = controller(tenants={"acme": make_tenant(limit_mu_per_min=600.0, burst_mu=100.0)})
+    state, reservations = _admitted(ctl, 40)
+    # Real usage for 30 of them (some twice: redeliveries), one never admitted.
+    records = [make_usage(request_id=f"r{i}", model_units=0.05 * (i % 7)) for i in range(30)]
+    records += [make_usage(request_id="r3", model_units=0.15),
+                make_usage(request_id="ghost", model_units=1.0)]
+    one_by_one, held = state, dict(reservations)
+    for offset, usage in enumerate(records):
+        out = ctl.settle(one_by_one, held.get(usage.request_id), usage, offset, NOW + 5)
+        assert isinstance(out, Settle)
+        one_by_one = out.state
+        if out.reservation is not None:
+            held.pop(usage.request_id)
+    batch = ctl.settle_batch(state, [(u, offset, _held(reservations.get(u.request_id)))
+                                     for offset, u in enumerate(records)], NOW + 5)
+    assert batch.state == one_by_one
+    assert batch.settled == tuple(f"r{i}" for i in range(30)) and batch.duplicates == 2
+    assert batch.state.pending == 10 and batch.state.usage_offset == len(records) - 1
+
+
+def test_settle_batch_replayed_records_close_their_reservations_without_charging():
+    ctl = controller()
+    state, reservations = _admitted(ctl, 3)
+    usage = [make_usage(request_id=f"r{i}", model_units=0.1) for i in range(3)]
+    first = ctl.settle_batch(state, [(u, i, _held(reservations[u.request_id]))
+                                     for i, u in enumerate(usage)], NOW + 1)
+    assert first.state is not None
+    # A crash kept the state but not the reservations' deletion: all three are replayed.
+    replay = ctl.settle_batch(first.state, [(u, i, _held(reservations[u.request_id]))
+                                            for i, u in enumerate(usage)], NOW + 2)
+    assert replay.state is None and replay.settled == ()
+    assert replay.closed_late == ("r0", "r1", "r2")
+
+
+def test_settle_batch_without_admission_state_settles_nothing():
+    out = controller().settle_batch(None, [(make_usage(), 0, None)], NOW)
+    assert out.state is None and out.settled == () and "no admission state" in out.why

@@ -3,11 +3,11 @@ from pydantic import TypeAdapter
 
 from schemas.events import InferenceRequest
 from streams import DecodeError
-from streams.codec import PydanticCodec, decode, encode
+from streams.codec import decode, encode
 from streams.deadletter import decode_or_dead_letter
 from streams.sink import MemoryEventSink
 from streams.topics import DLQ
-from tests.builders import make_request, make_usage, malformed_requests, request_json
+from tests.builders import make_request, malformed_requests, request_json
 
 ADAPTER = TypeAdapter(InferenceRequest)
 
@@ -28,12 +28,6 @@ def test_decode_malformed_record_gives_readable_reason(reason, raw):
 def test_decode_null_value_is_rejected():
     with pytest.raises(DecodeError, match="empty record"):
         decode(None, ADAPTER)
-
-
-def test_faust_codec_uses_pydantic_model():
-    codec = PydanticCodec(type(make_usage()))
-    usage = make_usage()
-    assert codec.loads(codec.dumps(usage)) == usage
 
 
 async def test_dead_letter_records_reason_and_origin():

@@ -4,13 +4,14 @@ from agents.passthrough import Forward, PassThroughPolicy
 from schemas.config import Settings
 from schemas.errors import ConfigError
 from schemas.events import Rejection
-from streams.topics import REQUESTS, USAGE, registry, shard_topic
+from streams.topics import LEDGER, REQUESTS, USAGE, registry, shard_topic
 from tests.builders import make_request
 
 
-def test_registry_co_partitions_requests_and_usage_by_tenant():
+def test_registry_co_partitions_requests_usage_and_ledger_by_tenant():
     topics = {t.name: t for t in registry(Settings(tenant_partitions=12))}
     assert topics[REQUESTS].partitions == topics[USAGE].partitions == 12
+    assert topics[LEDGER].partitions == 12 and topics[LEDGER].compacted
     assert topics[REQUESTS].key == topics[USAGE].key == "tenant"
 
 
@@ -23,7 +24,7 @@ def test_registry_compacts_config_and_retains_the_rest():
     for topic in registry(Settings()):
         configs = topic.configs()
         if topic.compacted:
-            assert configs == {"cleanup.policy": "compact"}
+            assert configs["cleanup.policy"] == "compact" and "retention.ms" not in configs
         else:
             assert int(configs["retention.ms"]) > 0
 
