@@ -178,14 +178,15 @@ class AdmissionAgent:
                                    topic=record.topic, partition=record.partition,
                                    offset=record.offset, consumer="metering")
         ledger = self.ledger
-        held = ledger.held
+        valid = [(usage, record.offset)
+                 for usage, record in zip(decoded.rows, records, strict=True) if usage is not None]
         by_tenant: dict[str, list[UsageItem]] = {}
-        for usage, record in zip(decoded.rows, records, strict=True):
-            if usage is not None:
-                items = by_tenant.get(usage.tenant)
-                if items is None:
-                    items = by_tenant[usage.tenant] = []
-                items.append((usage, record.offset, held(usage.request_id)))
+        for (usage, offset), held in zip(valid, ledger.held([u.request_id for u, _ in valid]),
+                                         strict=True):
+            items = by_tenant.get(usage.tenant)
+            if items is None:
+                items = by_tenant[usage.tenant] = []
+            items.append((usage, offset, held))
         now, partition = time.time(), tp.partition
         for tenant, items in by_tenant.items():
             out = self.ctl.settle_batch(ledger.state(tenant), items, now)

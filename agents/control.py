@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -76,7 +76,9 @@ class UsageLike(Protocol):
     def output_tokens(self) -> int: ...
 
 
-Held = tuple[float, int]  # an open reservation: MU reserved, epoch second charged in
+# An open reservation: MU reserved and the epoch second charged in come first (the
+# ledger's tuples carry more after them, unread here).
+Held = tuple[Any, ...]
 UsageItem = tuple[UsageLike, int, Held | None]  # usage, its offset, its open reservation
 
 
@@ -218,10 +220,9 @@ class AdmissionController:
                                                f"admission state")
         applied = state.usage_offset
         tenant = items[0][0].tenant
-        settlement = Settlement(state, self.config.tenant(tenant), now)
-        reconcile = settlement.reconcile
         metered = windows.pruned(state.metered, now)
         start = windows.bucket(now)
+        reconciled: list[tuple[float, int, float]] = []
         outputs: dict[str, list[int]] = {}
         settled: list[str] = []
         settled_here: set[str] = set()
@@ -238,18 +239,21 @@ class AdmissionController:
                 duplicates += 1  # settled by an earlier record (a redelivery), or never admitted
                 continue
             actual = usage.model_units
-            reconcile(held[0], held[1], actual)
+            reconciled.append((held[0], held[1], actual))
             series = metered.get(usage.model)
             if series is None:
                 series = metered[usage.model] = {}
             series[start] = series.get(start, 0.0) + actual
-            outputs.setdefault(usage.model, []).append(usage.output_tokens)
+            tokens = outputs.get(usage.model)
+            if tokens is None:
+                tokens = outputs[usage.model] = []
+            tokens.append(usage.output_tokens)
             settled.append(request_id)
             settled_here.add(request_id)
-        for model, tokens in outputs.items():
-            add = self.estimator.sketch(tenant, model).add
-            for n in tokens:
-                add(n)
+        settlement = Settlement(state, self.config.tenant(tenant), now)
+        settlement.reconcile_many(reconciled)
+        for model, lengths in outputs.items():
+            self.estimator.sketch(tenant, model).add_many(lengths)
         if last == applied:
             return SettleBatch(state=None, closed_late=tuple(closed_late),
                                why="usage already applied before a restart")

@@ -13,8 +13,9 @@ enough observations exist, a prior of ``min(max_tokens, prior_output_tokens)``.
 
 from __future__ import annotations
 
+import collections
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -36,12 +37,18 @@ class StreamingQuantile:
         self.count = 0
 
     def add(self, value: float) -> None:
-        self.count += 1
-        if value <= 0:
-            self._zeros += 1
-            return
-        index = math.ceil(math.log(value) / self._log_gamma)
-        self._buckets[index] = self._buckets.get(index, 0) + 1
+        self.add_many((value,))
+
+    def add_many(self, values: Iterable[float]) -> None:
+        """Observe ``values``; each distinct value is placed once (lengths repeat a lot)."""
+        buckets, log_gamma = self._buckets, self._log_gamma
+        for value, n in collections.Counter(values).items():
+            self.count += n
+            if value <= 0:
+                self._zeros += n
+                continue
+            index = math.ceil(math.log(value) / log_gamma)
+            buckets[index] = buckets.get(index, 0) + n
 
     def quantile(self, q: float) -> float:
         if self.count == 0:

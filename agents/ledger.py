@@ -24,13 +24,17 @@ never admitted): counted as a duplicate, charged nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pydantic import ValidationError
 
 from agents import AgentsError
 from agents.limiter import Reservation, TenantState
 from streams.sink import BulkEventSink, KeyedRecord
+
+# An open reservation: MU reserved, epoch second charged in, partition, tenant, offset
+# of the admitting record. Settling reads the first two (agents.control.Held).
+Held = tuple[float, int, int, str, int]
 
 log = logging.getLogger(__name__)
 
@@ -43,38 +47,38 @@ class Ledger:
         self.topic = topic
         self._states: dict[str, TenantState] = {}
         self._tenant_partition: dict[str, int] = {}
-        # Open reservations: id -> (partition, mu, slot, admit offset). Tuples of numbers,
-        # which the garbage collector stops tracking, not models: tens of thousands of
-        # models made each full collection of the agent's heap take ~100 ms.
-        self._reservations: dict[str, tuple[int, str, float, int, int]] = {}
+        # Open reservations as tuples of numbers and strings, which the garbage collector
+        # stops tracking, not models: tens of thousands of models made each full
+        # collection of the agent's heap take ~100 ms. Settling reads only the first.
+        self._open: dict[str, Held] = {}  # id -> MU, second charged, partition, tenant, offset
         # Staged by the current batch, written by seal():
         self._opened: list[tuple[int, str, Reservation]] = []
         self._dirty: dict[str, tuple[int, TenantState]] = {}
-        self._closed: list[tuple[int, str]] = []
+        self._closed: list[tuple[int, Sequence[str]]] = []
 
     def state(self, tenant: str) -> TenantState | None:
         dirty = self._dirty.get(tenant)
         return dirty[1] if dirty is not None else self._states.get(tenant)
 
     def reservation(self, request_id: str) -> Reservation | None:
-        held = self._reservations.get(request_id)
+        held = self._open.get(request_id)
         if held is None:
             return None
-        _, tenant, mu, slot, admit_offset = held
+        mu, slot, _, tenant, admit_offset = held
         return Reservation(tenant=tenant, mu=mu, slot=slot, admit_offset=admit_offset)
 
-    def held(self, request_id: str) -> tuple[float, int] | None:
-        """An open reservation's MU and the second it was charged in (settling needs no
-        more, and building the model for each usage record would cost more than settling)."""
-        held = self._reservations.get(request_id)
-        return None if held is None else (held[2], held[3])
+    def held(self, request_ids: Iterable[str]) -> list[Held | None]:
+        """Each open reservation as stored (MU and the second it was charged in first),
+        None where none is open: all that settling needs (a model per usage record
+        would cost more than settling it)."""
+        return list(map(self._open.get, request_ids))
 
     def tenants(self) -> list[str]:
         """Tenants whose state this member holds."""
         return list(self._states.keys() | self._dirty.keys())
 
     def open_reservations(self) -> int:
-        return len(self._reservations)
+        return len(self._open)
 
     def open(self, partition: int, request_id: str, reservation: Reservation) -> None:
         self._hold(partition, request_id, reservation)
@@ -83,18 +87,18 @@ class Ledger:
     def _hold(self, partition: int, request_id: str, reservation: Reservation) -> None:
         if reservation.settled:
             raise AgentsError(f"reservation {request_id} is settled: the ledger holds open ones")
-        self._reservations[request_id] = (partition, reservation.tenant, reservation.mu,
-                                          reservation.slot, reservation.admit_offset)
+        self._open[request_id] = (reservation.mu, reservation.slot, partition,
+                                  reservation.tenant, reservation.admit_offset)
 
     def update(self, partition: int, tenant: str, state: TenantState) -> None:
         self._dirty[tenant] = (partition, state)
 
-    def close(self, partition: int, request_ids: Iterable[str]) -> None:
+    def close(self, partition: int, request_ids: Sequence[str]) -> None:
         """Delete settled reservations (their tombstones follow the states in ``seal``)."""
-        pop, closed = self._reservations.pop, self._closed
+        pop = self._open.pop
         for request_id in request_ids:
             pop(request_id, None)
-            closed.append((partition, request_id))
+        self._closed.append((partition, request_ids))
 
     async def seal(self) -> None:
         """Send the batch's writes in the order the module docstring relies on."""
@@ -110,8 +114,9 @@ class Ledger:
             self._tenant_partition[tenant] = partition
             writes.setdefault(partition, []).append(
                 (_STATE + tenant.encode(), state.model_dump_json().encode()))
-        for partition, request_id in closed:
-            writes.setdefault(partition, []).append((_RESERVATION + request_id.encode(), None))
+        for partition, request_ids in closed:
+            writes.setdefault(partition, []).extend(
+                [(_RESERVATION + request_id.encode(), None) for request_id in request_ids])
         for partition, records in writes.items():
             await self._sink.send_many(self.topic, partition, records)
 
@@ -141,7 +146,7 @@ class Ledger:
                 self._tenant_partition[name] = partition
         elif key.startswith(_RESERVATION):
             if value is None:
-                self._reservations.pop(name, None)
+                self._open.pop(name, None)
             else:
                 self._hold(partition, name, Reservation.model_validate_json(value))
 
@@ -150,5 +155,5 @@ class Ledger:
         for tenant in [t for t, p in self._tenant_partition.items() if p in partitions]:
             del self._tenant_partition[tenant]
             self._states.pop(tenant, None)
-        for request_id in [r for r, held in self._reservations.items() if held[0] in partitions]:
-            del self._reservations[request_id]
+        for request_id in [r for r, held in self._open.items() if held[2] in partitions]:
+            del self._open[request_id]

@@ -24,6 +24,7 @@ above its burst.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -179,20 +180,29 @@ class Settlement:
         self.window = dict(state.window)
 
     def reconcile(self, reserved_mu: float, slot: int, actual_mu: float) -> None:
-        delta = actual_mu - reserved_mu
-        self.tokens = min(self._burst, self.tokens - delta)
-        # The difference belongs to the second the request was admitted in, so the
-        # window counts actual MU by admission time. Once that second has left the
-        # window, a refund has nothing left to lower and a charge lands now.
-        if slot < self._first_slot:
-            slot = self._second if delta > 0 else -1
-        self.reserved_umu -= round(reserved_mu * UMU)
-        self.actual_mu += actual_mu
-        if self.pending > 0:
-            self.pending -= 1
-        if slot >= 0:
-            window = self.window
-            window[slot] = max(0.0, window.get(slot, 0.0) + delta)
+        self.reconcile_many(((reserved_mu, slot, actual_mu),))
+
+    def reconcile_many(self, settled: Iterable[tuple[float, int, float]]) -> None:
+        """Settle reservations (MU reserved, second charged in, actual MU), in order."""
+        burst, first_slot, second = self._burst, self._first_slot, self._second
+        tokens, reserved_umu, actual_total = self.tokens, self.reserved_umu, self.actual_mu
+        pending, window = self.pending, self.window
+        for reserved_mu, slot, actual_mu in settled:
+            delta = actual_mu - reserved_mu
+            tokens = min(burst, tokens - delta)
+            # The difference belongs to the second the request was admitted in, so the
+            # window counts actual MU by admission time. Once that second has left the
+            # window, a refund has nothing left to lower and a charge lands now.
+            if slot < first_slot:
+                slot = second if delta > 0 else -1
+            reserved_umu -= round(reserved_mu * UMU)
+            actual_total += actual_mu
+            if pending > 0:
+                pending -= 1
+            if slot >= 0:
+                window[slot] = max(0.0, window.get(slot, 0.0) + delta)
+        self.tokens, self.reserved_umu, self.actual_mu = tokens, reserved_umu, actual_total
+        self.pending = pending
 
     def state(self, **update: object) -> TenantState:
         """The settled state, with ``update`` (other fields) applied as well."""

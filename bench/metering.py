@@ -97,5 +97,6 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=40_000)
+    # Enough for a second or more of settling: committed offsets are polled every 50 ms.
+    parser.add_argument("--events", type=int, default=200_000)
     print(json.dumps(asyncio.run(main(parser.parse_args().events))))

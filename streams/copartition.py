@@ -14,9 +14,10 @@ tenant's state also receives its usage. A :class:`PartitionedHandler` sees:
   on meanwhile (at most ``batches_in_flight`` batches wait);
 * ``revoked(numbers)`` after the current batch is sealed and committed.
 
-A batch ends every ``batch_max`` records or ``batch_within_s``, whichever comes
-first. Records fetched before a rebalance are dropped, not handled: the new
-assignment starts again from the committed offsets with the restored state.
+A batch ends every ``batch_max`` records or ``batch_within_s``, or when no
+record came for ``idle_s``, whichever comes first. Records fetched before a
+rebalance are dropped, not handled: the new assignment starts again from the
+committed offsets with the restored state.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class PartitionedHandler(Protocol):
 @dataclass
 class BatchConfig:
     batch_max: int = 20_000  # records per batch at most
-    batch_within_s: float = 0.2  # a batch is sealed this long after its first record
+    batch_within_s: float = 0.2  # a batch is sealed this long after its first record,
+    idle_s: float = 0.02  # ... or once no record came for this long
     fetch_max: int = 10_000  # records per fetch at most
     batches_in_flight: int = 4  # sealed batches awaiting acknowledgement, at most
 
@@ -118,15 +120,17 @@ class CopartitionedLoop:
         batch = self._batch
         wait_s = self.config.batch_within_s
         if batch.records:
-            wait_s = max(0.0, batch.started + wait_s - time.monotonic())
+            # Once the input is idle the batch is complete: no reason to hold its commit.
+            wait_s = min(self.config.idle_s,
+                         max(0.0, batch.started + wait_s - time.monotonic()))
         fetched = await self._consumer.getmany(timeout_ms=round(wait_s * 1000),
                                                max_records=self.config.fetch_max)
         # Read as getmany returns: a revocation before this point reset the positions of
         # whatever getmany returned; one while waiting for the lock did not.
         generation = self._generation
         async with self._lock:
-            if generation != self._generation:  # revoked since the fetch: refetched later
-                self.counters.dropped_stale += sum(len(r) for r in fetched.values())
+            if generation != self._generation:  # revoked since the fetch
+                self._refetch(fetched)
                 return
             for tp, records in fetched.items():
                 if not records:
@@ -136,11 +140,28 @@ class CopartitionedLoop:
                 await self._handler.handle(tp, records)
                 batch.records += len(records)
                 batch.offsets[tp] = records[-1].offset + 1
-            self.counters.handled += sum(len(r) for r in fetched.values())
-            if batch.records and (batch.records >= self.config.batch_max or
+            handled = sum(len(r) for r in fetched.values())
+            self.counters.handled += handled
+            if batch.records and (not handled or batch.records >= self.config.batch_max or
                                   time.monotonic() >= batch.started +
                                   self.config.batch_within_s):
                 await self._seal()
+
+    def _refetch(self, fetched: dict[TopicPartition, list[Record]]) -> None:
+        """Leave records fetched before a revocation unhandled; the partitions this member
+        still holds are put back at the first of them (a new assignment starts from the
+        committed offsets, which is the same place: this only makes sure of it)."""
+        assigned = self._consumer.assignment()
+        stale = 0
+        for tp, records in fetched.items():
+            if records:
+                stale += len(records)
+                if tp in assigned:
+                    self._consumer.seek(tp, records[0].offset)
+        self.counters.dropped_stale += stale
+        if stale:
+            log.warning("%d records fetched before a rebalance are fetched again "
+                        "(partitions %s)", stale, sorted(str(tp) for tp in fetched))
 
     async def _seal(self) -> None:
         """Write the batch's state now; its acknowledgement and commit go on in the
@@ -178,6 +199,7 @@ class CopartitionedLoop:
         self.counters.committed_batches += 1
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
+        log.info("revoked %d partitions", len(revoked))
         async with self._lock:
             self._generation += 1
             try:
@@ -197,6 +219,7 @@ class CopartitionedLoop:
         uneven = {t: sorted(ps) for t, ps in by_topic.items() if ps != numbers}
         if uneven:
             raise CopartitionError(f"assignment is not co-partitioned: {uneven}")
+        log.info("assigned partitions %s of %s", sorted(numbers), sorted(by_topic))
         async with self._lock:
             await self._handler.assigned(numbers)
 
