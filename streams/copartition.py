@@ -117,12 +117,11 @@ class CopartitionedLoop:
                 await self._drain()
 
     async def _step(self) -> None:
-        batch = self._batch
         wait_s = self.config.batch_within_s
-        if batch.records:
+        if self._batch.records:
             # Once the input is idle the batch is complete: no reason to hold its commit.
             wait_s = min(self.config.idle_s,
-                         max(0.0, batch.started + wait_s - time.monotonic()))
+                         max(0.0, self._batch.started + wait_s - time.monotonic()))
         fetched = await self._consumer.getmany(timeout_ms=round(wait_s * 1000),
                                                max_records=self.config.fetch_max)
         # Read as getmany returns: a revocation before this point reset the positions of
@@ -132,6 +131,10 @@ class CopartitionedLoop:
             if generation != self._generation:  # revoked since the fetch
                 self._refetch(fetched)
                 return
+            # The batch as it is now, not as it was before getmany: a revocation meanwhile
+            # (even the first join's, which revokes nothing) sealed and replaced it, and
+            # records added to a replaced batch were handled but never committed.
+            batch = self._batch
             for tp, records in fetched.items():
                 if not records:
                     continue
