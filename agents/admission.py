@@ -155,15 +155,15 @@ class AdmissionAgent:
         if request is None:
             return
         ledger = self.ledger
-        decision = self.ctl.admit(ledger.state(request.tenant),
-                                  ledger.reservation(request.request_id), request,
+        existing = ledger.reservation(request.request_id)
+        decision = self.ctl.admit(ledger.state(request.tenant), existing, request,
                                   record.offset, time.time())
         if isinstance(decision, Skip):
             return
         if decision.state is not None:
             ledger.update(record.partition, request.tenant, decision.state)
         if isinstance(decision, Admit):
-            if not decision.replay and ledger.reservation(request.request_id) is None:
+            if not decision.replay and existing is None:
                 ledger.open(record.partition, request.request_id, decision.reservation)
             await apply_admission(self._sink, request, decision, record.value)
         else:

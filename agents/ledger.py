@@ -77,9 +77,6 @@ class Ledger:
         """Tenants whose state this member holds."""
         return list(self._states.keys() | self._dirty.keys())
 
-    def open_reservations(self) -> int:
-        return len(self._open)
-
     def open(self, partition: int, request_id: str, reservation: Reservation) -> None:
         self._hold(partition, request_id, reservation)
         self._opened.append((partition, request_id, reservation))
