@@ -71,7 +71,8 @@ async def committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> int:
 
 async def group_rate(bootstrap: str, group: str, topic: str, total: int,
                      timeout_s: float = 600.0) -> float:
-    """Records/s a consumer group commits on ``topic``, from its first progress to ``total``.
+    """Records/s a consumer group commits on ``topic``, from its first progress until it
+    has committed ``total`` more records than it had when called.
 
     Starting the clock at the first committed progress leaves process start-up,
     group join and table recovery out: what is measured is steady consumption.
@@ -79,10 +80,11 @@ async def group_rate(bootstrap: str, group: str, topic: str, total: int,
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
+        base = await committed(admin, group, topic)
         deadline = time.monotonic() + timeout_s
         first: tuple[float, int] | None = None
         while time.monotonic() < deadline:
-            done = await committed(admin, group, topic)
+            done = await committed(admin, group, topic) - base
             now = time.monotonic()
             if first is None and done > 0:
                 first = (now, done)
@@ -91,7 +93,7 @@ async def group_rate(bootstrap: str, group: str, topic: str, total: int,
                     raise RuntimeError("all records were committed at once: use more records")
                 return (done - first[1]) / (now - first[0])
             await asyncio.sleep(0.05)
-        raise RuntimeError(f"group {group} did not reach {total} committed on {topic}")
+        raise RuntimeError(f"group {group} did not commit {total} more on {topic}")
     finally:
         await admin.close()
 
