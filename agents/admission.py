@@ -39,7 +39,13 @@ from schemas.tenancy import ControlPlaneConfig, TenantConfig, load_config
 from streams import DecodeError
 from streams.codec import decode
 from streams.consumer import Record, behind, seek_to_time
-from streams.copartition import BatchConfig, CopartitionedLoop, group_consumer, read_to_end
+from streams.copartition import (
+    BatchConfig,
+    CopartitionedLoop,
+    Write,
+    group_consumer,
+    read_to_end,
+)
 from streams.deadletter import decode_or_dead_letter, send_dead_letter
 from streams.sink import BulkEventSink, EventSink, KafkaEventSink
 from streams.topics import (
@@ -134,8 +140,9 @@ class AdmissionAgent:
     def revoked(self, numbers: set[int]) -> None:
         self.ledger.drop(numbers)
 
-    async def seal(self) -> None:
-        await self.ledger.seal()
+    def seal(self) -> Write | None:
+        writes = self.ledger.stage()
+        return None if writes is None else writes.write
 
     async def handle(self, tp: TopicPartition, records: list[Record]) -> None:
         if tp.topic == REQUESTS:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
@@ -37,6 +38,19 @@ from streams.sink import BulkEventSink, KeyedRecord
 Held = tuple[float, int, int, str, int]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LedgerWrites:
+    """One batch's ledger records, per partition in write order."""
+
+    sink: BulkEventSink
+    topic: str
+    records: dict[int, list[KeyedRecord]]
+
+    async def write(self) -> None:
+        for partition, records in self.records.items():
+            await self.sink.send_many(self.topic, partition, records)
 
 _STATE, _RESERVATION = b"t/", b"r/"
 
@@ -97,8 +111,10 @@ class Ledger:
             pop(request_id, None)
         self._closed.append((partition, request_ids))
 
-    async def seal(self) -> None:
-        """Send the batch's writes in the order the module docstring relies on."""
+    def stage(self) -> LedgerWrites | None:
+        """The batch's writes, encoded, in the order the module docstring relies on (None:
+        nothing to write). The batch's effects count as held from here on; writing them
+        may go on in the background (the loop does so before committing the batch)."""
         opened, self._opened = self._opened, []
         dirty, self._dirty = self._dirty, {}
         closed, self._closed = self._closed, []
@@ -114,8 +130,7 @@ class Ledger:
         for partition, request_ids in closed:
             writes.setdefault(partition, []).extend(
                 [(_RESERVATION + request_id.encode(), None) for request_id in request_ids])
-        for partition, records in writes.items():
-            await self._sink.send_many(self.topic, partition, records)
+        return LedgerWrites(self._sink, self.topic, writes) if writes else None
 
     def restore(self, records: Iterable[tuple[int, bytes | None, bytes | None]]) -> int:
         """Apply changelog records (partition, key, value) in order; returns how many."""

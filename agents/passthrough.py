@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 from schemas.config import Settings
 from schemas.events import InferenceRequest, Rejection
 from streams.consumer import Record
-from streams.copartition import CopartitionedLoop, group_consumer
+from streams.copartition import CopartitionedLoop, Write, group_consumer
 from streams.deadletter import decode_or_dead_letter
 from streams.sink import EventSink, KafkaEventSink
 from streams.topics import REQUESTS, shard_topic
@@ -77,8 +77,9 @@ class PassThroughAgent:
     def revoked(self, numbers: set[int]) -> None:
         """Nothing to drop."""
 
-    async def seal(self) -> None:
+    def seal(self) -> Write | None:
         """Nothing to write per batch."""
+        return None
 
     async def handle(self, tp: TopicPartition, records: list[Record]) -> None:
         for record in records:

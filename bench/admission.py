@@ -33,7 +33,14 @@ import time
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.harness import bench_stack, group_rate, log, start_agent, stop_agent
+from bench.harness import (
+    bench_stack,
+    group_committed,
+    group_rate,
+    log,
+    start_agent,
+    stop_agent,
+)
 from bench.metering import MODEL, heartbeats, produce
 from schemas.config import Settings
 from schemas.events import InferenceRequest
@@ -163,10 +170,12 @@ async def main(n: int, rate: float, seconds: float) -> dict[str, float | int | s
         ms = await latency_rounds(settings, rate, seconds)
         admission_ms, baseline_ms = ms["admission"], ms["passthrough"]
         signer = Signer(KEYS)
+        before = await group_committed(settings.bootstrap, settings.app_id, REQUESTS)
         await produce(sink, [(REQUESTS, signer(make(i, "tp")), f"t{i % TENANTS}")
                              for i in range(n)])
         start_agent(settings, "admission")
-        decisions = await group_rate(settings.bootstrap, settings.app_id, REQUESTS, n)
+        decisions = await group_rate(settings.bootstrap, settings.app_id, REQUESTS, n,
+                                     after=before)
         log(f"admission: {decisions:.0f} decisions/s over {n} requests")
         stop_agent(settings, "admission")
         stop.set()

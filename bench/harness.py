@@ -69,10 +69,20 @@ async def committed(admin: AIOKafkaAdminClient, group: str, topic: str) -> int:
     return sum(max(0, meta.offset) for tp, meta in offsets.items() if tp.topic == topic)
 
 
-async def group_rate(bootstrap: str, group: str, topic: str, total: int,
+async def group_committed(bootstrap: str, group: str, topic: str) -> int:
+    """Records of ``topic`` the group has committed, over all partitions."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return await committed(admin, group, topic)
+    finally:
+        await admin.close()
+
+
+async def group_rate(bootstrap: str, group: str, topic: str, total: int, *, after: int = 0,
                      timeout_s: float = 600.0) -> float:
     """Records/s a consumer group commits on ``topic``, from its first progress until it
-    has committed ``total`` more records than it had when called.
+    has committed ``total`` more than ``after`` (what it had committed before).
 
     Starting the clock at the first committed progress leaves process start-up,
     group join and table recovery out: what is measured is steady consumption.
@@ -80,11 +90,10 @@ async def group_rate(bootstrap: str, group: str, topic: str, total: int,
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        base = await committed(admin, group, topic)
         deadline = time.monotonic() + timeout_s
         first: tuple[float, int] | None = None
         while time.monotonic() < deadline:
-            done = await committed(admin, group, topic) - base
+            done = await committed(admin, group, topic) - after
             now = time.monotonic()
             if first is None and done > 0:
                 first = (now, done)

@@ -7,11 +7,14 @@ tenant's state also receives its usage. A :class:`PartitionedHandler` sees:
 
 * ``assigned(numbers)`` before any record of those partitions (restore state);
 * ``handle(tp, records)`` for each fetched run of records, in offset order;
-* ``seal()`` at the end of each batch: write what the batch staged. In the
-  background the loop then waits until the broker has acknowledged every record
-  sent so far, and only then commits the batch's offsets, so a crash replays
-  exactly the records whose effects may not have reached Kafka; handling goes
-  on meanwhile (at most ``batches_in_flight`` batches wait);
+* ``seal()`` at the end of each batch: stage what the batch must write, and
+  return how to write it. In the background, after the batch before it, the
+  loop writes it, waits until the broker has acknowledged every record sent so
+  far, and only then commits the batch's offsets, so a crash replays exactly
+  the records whose effects may not have reached Kafka. Handling goes on
+  meanwhile (at most ``batches_in_flight`` batches wait): the batch's writes
+  never hold up the next records' decisions, nor (having a record batch of
+  their own per partition to wait for) the decisions' own records;
 * ``revoked(numbers)`` after the current batch is sealed and committed.
 
 A batch ends every ``batch_max`` records or ``batch_within_s``, or when no
@@ -26,7 +29,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,10 +44,13 @@ from streams.sink import EventSink
 log = logging.getLogger(__name__)
 
 
+Write = Callable[[], Awaitable[None]]  # sends a sealed batch's records
+
+
 class PartitionedHandler(Protocol):
     async def assigned(self, numbers: set[int]) -> None: ...
     async def handle(self, tp: TopicPartition, records: list[Record]) -> None: ...
-    async def seal(self) -> None: ...
+    def seal(self) -> Write | None: ...
     def revoked(self, numbers: set[int]) -> None: ...
 
 
@@ -167,13 +173,13 @@ class CopartitionedLoop:
                         "(partitions %s)", stale, sorted(str(tp) for tp in fetched))
 
     async def _seal(self) -> None:
-        """Write the batch's state now; its acknowledgement and commit go on in the
-        background (in batch order), so that handling does not wait for the broker."""
+        """Stage the batch's writes now; writing them, their acknowledgement and the
+        commit go on in the background (in batch order): handling does not wait."""
         batch, self._batch = self._batch, _Batch()
         if batch.records:
-            await self._handler.seal()
+            write = self._handler.seal()
             previous = self._acking[-1] if self._acking else None
-            self._acking.append(asyncio.create_task(self._acknowledge(batch, previous),
+            self._acking.append(asyncio.create_task(self._acknowledge(batch, write, previous),
                                                     name="ack-and-commit"))
         while self._acking and (self._acking[0].done() or
                                 len(self._acking) > self.config.batches_in_flight):
@@ -184,11 +190,14 @@ class CopartitionedLoop:
         while self._acking:
             await self._acking.popleft()
 
-    async def _acknowledge(self, batch: _Batch, previous: asyncio.Task[None] | None) -> None:
-        """Wait for every record the batch sent, then commit its offsets (after the batch
-        before it: commits must not overtake each other)."""
+    async def _acknowledge(self, batch: _Batch, write: Write | None,
+                           previous: asyncio.Task[None] | None) -> None:
+        """After the batch before it (writes and commits must not overtake each other):
+        send the batch's writes, wait for every record sent so far, commit its offsets."""
         if previous is not None:
             await asyncio.shield(previous)
+        if write is not None:
+            await write()
         await self._sink.flush()
         try:
             await self._consumer.commit(batch.offsets)

@@ -18,6 +18,12 @@ def make_reservation(**overrides) -> Reservation:
                           **overrides})
 
 
+async def seal(ledger: Ledger) -> None:
+    writes = ledger.stage()
+    if writes is not None:
+        await writes.write()
+
+
 async def test_ledger_seal_writes_reservations_then_states_then_tombstones():
     sink = MemoryEventSink()
     ledger = Ledger(sink, TOPIC)
@@ -25,7 +31,7 @@ async def test_ledger_seal_writes_reservations_then_states_then_tombstones():
     ledger.update(2, "acme", make_state(pending=1))
     ledger.open(2, "r-new", make_reservation())
     assert ledger.state("acme") == make_state(pending=1)  # staged states are read back
-    await ledger.seal()
+    await seal(ledger)
     assert [(r.key, r.value is None, r.partition) for r in sink.on(TOPIC)] == [
         (b"r/r-new", False, 2), (b"t/acme", False, 2), (b"r/r-old", True, 2)]
 
@@ -36,10 +42,10 @@ async def test_ledger_restore_replays_the_changelog_and_tombstones_delete():
     writer.open(1, "r1", make_reservation())
     writer.open(1, "r2", make_reservation(admit_offset=1))
     writer.update(1, "acme", make_state(pending=2))
-    await writer.seal()
+    await seal(writer)
     writer.close(1, ["r1"])
     writer.update(1, "acme", make_state(pending=1))
-    await writer.seal()
+    await seal(writer)
     restored = Ledger(MemoryEventSink(), TOPIC)
     n = restored.restore([(r.partition or 0, r.key, r.value) for r in sink.on(TOPIC)])
     assert n == 5
@@ -61,7 +67,19 @@ async def test_ledger_drop_forgets_only_the_revoked_partitions():
     ledger.open(3, "r3", make_reservation(tenant="globex"))
     ledger.update(0, "acme", make_state())
     ledger.update(3, "globex", make_state())
-    await ledger.seal()
+    await seal(ledger)
     ledger.drop({3})
     assert ledger.tenants() == ["acme"] and ledger.reservation("r3") is None
     assert ledger.reservation("r0") is not None
+
+
+async def test_ledger_stage_holds_the_batch_before_anything_is_written():
+    sink = MemoryEventSink()
+    ledger = Ledger(sink, TOPIC)
+    ledger.update(0, "acme", make_state(pending=1))
+    writes = ledger.stage()
+    assert writes is not None and sink.records == []  # written only when the loop says
+    assert ledger.state("acme") == make_state(pending=1) and ledger.tenants() == ["acme"]
+    assert ledger.stage() is None  # the next batch starts empty
+    await writes.write()
+    assert [r.key for r in sink.on(TOPIC)] == [b"t/acme"]
