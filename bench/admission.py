@@ -5,14 +5,17 @@ consumer of the shard topic records when each routed record arrives. The same
 is done through the pass-through agent (consume, decode, forward: no
 authentication, limits or state) in the same run; the difference of the p99s
 is what admission adds. The broker must be as warm for one agent as for the
-other: a first round of each agent is discarded (a fresh broker's p99 is
-several times its later one, and each agent exercises broker code paths of
-its own: the ledger's compacted topic, the usage topic), and the measured
-rounds run in the order
-admission, pass-through, pass-through, admission, so that what still drifts
-(the broker's JIT compiler, page cache) weighs on both alike. They run before
-the throughput phase, not after it: its 100,000 requests leave the broker's
-JIT compiler busy for tens of seconds (over half a core), which once fell on
+other: the first two rounds of each agent are discarded (a fresh broker's p99 is
+several times its later one, and each agent exercises broker code paths of its
+own, the ledger's compacted topic and the usage topic, which the broker's JIT
+compiler goes on compiling: its C2 thread took 54% of a core in the first
+pass-through round, 27% in the first admission round, still 5.6% in the
+second, against 0.6-3.5% once warm; that second admission round's p99 was
+16-26 ms in three runs, the third's 9-14 ms, with pass-through at 7-10 ms).
+The measured rounds then run in the order admission, pass-through,
+pass-through, admission, so that what still drifts weighs on both alike. They
+run before the throughput phase, not after it: its 100,000 requests left the
+C2 compiler at over half a core for the next tens of seconds, which fell on
 whichever agent was measured next.
 
 Throughput: N signed requests from 50 tenants are produced while the agent is
@@ -146,7 +149,7 @@ def p99(values: list[float]) -> float:
 async def latency_rounds(settings: Settings, rate: float, seconds: float
                          ) -> dict[str, list[float]]:
     """ms per routed request, per agent, over alternating rounds (see the module's doc)."""
-    warm_up = ["passthrough", "admission"]
+    warm_up = ["passthrough", "admission"] * 2
     rounds = [*warm_up, "admission", "passthrough", "passthrough", "admission"]
     samples: dict[str, list[float]] = {"admission": [], "passthrough": []}
     for i, agent in enumerate(rounds):
