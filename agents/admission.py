@@ -110,7 +110,8 @@ class AdmissionAgent:
     """Decides on ``tw.requests`` and settles ``tw.usage`` for the tenants of its partitions.
 
     A :class:`~streams.copartition.PartitionedHandler`: each record goes through the
-    controller and the decision's effects are staged in the ledger; ``seal`` writes them.
+    controller and the decision's effects are staged in the ledger; ``seal`` hands the
+    loop their writes.
     """
 
     def __init__(self, settings: Settings, ctl: AdmissionController, sink: BulkEventSink

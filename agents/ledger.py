@@ -39,6 +39,8 @@ Held = tuple[float, int, int, str, int]
 
 log = logging.getLogger(__name__)
 
+_STATE, _RESERVATION = b"t/", b"r/"
+
 
 @dataclass(frozen=True)
 class LedgerWrites:
@@ -52,8 +54,6 @@ class LedgerWrites:
         for partition, records in self.records.items():
             await self.sink.send_many(self.topic, partition, records)
 
-_STATE, _RESERVATION = b"t/", b"r/"
-
 
 class Ledger:
     def __init__(self, sink: BulkEventSink, topic: str) -> None:
@@ -65,7 +65,7 @@ class Ledger:
         # stops tracking, not models: tens of thousands of models made each full
         # collection of the agent's heap take ~100 ms. Settling reads only the first.
         self._open: dict[str, Held] = {}  # id -> MU, second charged, partition, tenant, offset
-        # Staged by the current batch, written by seal():
+        # Staged by the current batch, encoded by stage():
         self._opened: list[tuple[int, str, Reservation]] = []
         self._dirty: dict[str, tuple[int, TenantState]] = {}
         self._closed: list[tuple[int, Sequence[str]]] = []
@@ -105,7 +105,7 @@ class Ledger:
         self._dirty[tenant] = (partition, state)
 
     def close(self, partition: int, request_ids: Sequence[str]) -> None:
-        """Delete settled reservations (their tombstones follow the states in ``seal``)."""
+        """Delete settled reservations (their tombstones follow the states, see ``stage``)."""
         pop = self._open.pop
         for request_id in request_ids:
             pop(request_id, None)

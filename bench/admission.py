@@ -1,6 +1,6 @@
 """Admission decisions/s per agent process, and the p99 latency it adds at 1,000 requests/s.
 
-Latency: requests are produced at 1,000/s, each stamped with its send time; a
+Latency: requests are produced at 1,000/s, the time each is sent recorded; a
 consumer of the shard topic records when each routed record arrives. The same
 is done through the pass-through agent (consume, decode, forward: no
 authentication, limits or state) in the same run; the difference of the p99s
@@ -102,7 +102,7 @@ async def latencies(bootstrap: str, tag: str, rate: float, seconds: float) -> li
     encoded = [(r.request_id, encode(r), r.tenant.encode())
                for r in (signer(make(i, tag)) for i in range(total))]
     # The measuring process must not pause either: its heap (broker set-up, chDB, the
-    # throughput phase's records) would otherwise be scanned by full collections
+    # round's encoded requests) would otherwise be scanned by full collections
     # of 50-70 ms while it stamps arrivals.
     gc.collect()
     gc.freeze()
@@ -149,14 +149,14 @@ def p99(values: list[float]) -> float:
 async def latency_rounds(settings: Settings, rate: float, seconds: float
                          ) -> dict[str, list[float]]:
     """ms per routed request, per agent, over alternating rounds (see the module's doc)."""
-    warm_up = ["passthrough", "admission"] * 2
-    rounds = [*warm_up, "admission", "passthrough", "passthrough", "admission"]
+    discarded = ["passthrough", "admission"] * 2
+    rounds = [*discarded, "admission", "passthrough", "passthrough", "admission"]
     samples: dict[str, list[float]] = {"admission": [], "passthrough": []}
     for i, agent in enumerate(rounds):
         start_agent(settings, agent)
         ms = await latencies(settings.bootstrap, f"r{i}", rate, seconds)
         stop_agent(settings, agent)
-        counted = i >= len(warm_up)
+        counted = i >= len(discarded)
         log(f"round {i} {agent}{'' if counted else ' (warm-up, not counted)'}: p50/p99 "
             f"{statistics.median(ms):.2f}/{p99(ms):.2f} ms")
         if counted:
@@ -202,6 +202,6 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=8.0,
-                        help="per latency round (two per agent, one warm-up)")
+                        help="per latency round (two counted per agent, after two discarded)")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main(args.requests, args.rate, args.seconds))))
